@@ -1,0 +1,360 @@
+# %% [markdown]
+# # 02 · The algebraic reformulation: a distance in dot-product clothing
+#
+# **What you will build:** the identity that turns $-\lVert q-k \rVert^2$ into a dot product plus a
+# per-key penalty, checked in float64; then two ways to run RBF attention through PyTorch's
+# fused `scaled_dot_product_attention` (SDPA), each measured for memory, speed and bfloat16 error.
+#
+# **What you need:** chapter 01 (naive RBF attention and its N² memory), softmax.
+#
+# **How long:** about 40 minutes.
+
+# %%
+import functools
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark
+
+from rbf_tutorial import backends, checks, memory, viz
+from rbf_tutorial.device import DEVICE, SMALL, describe, sizes
+from rbf_tutorial.memory import format_bytes
+from rbf_tutorial.reference import rbf_attention_reference, rbf_logits_reference
+
+viz.use_style()
+print(describe())
+
+# All sizes in one place: small on a CPU (seconds), real on a GPU.
+# On a GPU the largest route below holds about four 1 GiB N×N matrices: fits a 16 GB card.
+batch, heads, n_tokens, head_dim = sizes(cpu=(1, 4, 1024, 64), gpu=(2, 8, 4096, 64))
+speed_dtype = sizes(cpu=torch.float32, gpu=torch.bfloat16)  # fused GPU kernels want half precision
+dtype_name = str(speed_dtype).removeprefix("torch.")
+error_batch, error_heads, error_tokens = sizes(cpu=(1, 4, 512), gpu=(2, 8, 2048))
+print(f"SMALL = {SMALL}: batch={batch}, heads={heads}, N={n_tokens}, head_dim={head_dim}")
+
+
+def random_qkv(batch, heads, n, dim, *, dtype=torch.float32, device=DEVICE, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, heads, n, dim, generator=generator).to(device=device, dtype=dtype)
+                 for _ in range(3))
+
+
+# %% [markdown]
+# ## Where we are
+#
+# Chapter 01 ended at a wall: naive RBF attention holds `(B, H, N, N)` tensors. Dot-product
+# attention hit the same wall years ago and got past it with *fused* kernels (FlashAttention and
+# friends, all reachable through `F.scaled_dot_product_attention`): they stream keys through in
+# tiles, keep a running softmax, and never hold the matrix. Side by side, at the same size:
+
+# %%
+q, k, v = random_qkv(batch, heads, n_tokens, head_dim)
+one_matrix = batch * heads * n_tokens**2 * 4  # bytes of one (B, H, N, N) float32 tensor
+naive_peak = memory.peak_memory(backends.naive_attention, q, k, v)
+sdpa_peak = memory.peak_memory(F.scaled_dot_product_attention, q, k, v)
+print(f"N = {n_tokens:,}: naive RBF attention {format_bytes(naive_peak)} "
+      f"({naive_peak / one_matrix:.2f} N×N matrices), "
+      f"SDPA dot-product attention {format_bytes(sdpa_peak)} ({sdpa_peak / one_matrix:.2f})")
+
+# %% [markdown]
+# SDPA computes $\operatorname{softmax}(s\, q \cdot k) V$ and nothing else. If we can write the
+# RBF score as a dot product, we get its memory for free.
+#
+# ## The algebra
+#
+# Expand the square:
+#
+# $$ \lVert q - k \rVert^2 = (q - k)\cdot(q - k) = \lVert q \rVert^2 - 2\, q \cdot k + \lVert k \rVert^2 , $$
+#
+# so the RBF logit is
+#
+# $$ -s \lVert q - k \rVert^2 = s\,\bigl(2\, q \cdot k - \lVert k \rVert^2\bigr) - s \lVert q \rVert^2 . $$
+#
+# Three terms: a dot product (with $q$ doubled), a penalty that depends on the key alone, and a
+# term that depends on the query alone. First, the identity in float64, on random vectors:
+
+# %%
+q64, k64, _ = random_qkv(2, 3, 9, 16, dtype=torch.float64, device="cpu", seed=1)
+scale = 16**-0.5
+true_logits = rbf_logits_reference(q64, k64, scale)  # from the differences q_i - k_j themselves
+expanded = (scale * (2 * q64 @ k64.transpose(-2, -1)
+                     - k64.square().sum(-1)[..., None, :]
+                     - q64.square().sum(-1)[..., :, None]))
+checks.assert_close(expanded, true_logits, name="expanded vs -s|q-k|²", atol=1e-12, rtol=1e-12)
+
+# %% [markdown]
+# ## Softmax forgets per-row constants
+#
+# The query term $-s\lVert q_i \rVert^2$ is the same for every key $j$ that query $i$ looks at.
+# Softmax does not see it:
+#
+# $$ \frac{e^{x_j + c}}{\sum_l e^{x_l + c}} = \frac{e^{c}\, e^{x_j}}{e^{c} \sum_l e^{x_l}}
+#    = \frac{e^{x_j}}{\sum_l e^{x_l}} . $$
+#
+# Numerically, with a different (and large) constant on every row:
+
+# %%
+logits = torch.randn(4, 6, dtype=torch.float64)
+row_constants = 100 * torch.randn(4, 1, dtype=torch.float64)
+print("row constants:", [round(c, 1) for c in row_constants.flatten().tolist()])
+checks.assert_close(torch.softmax(logits + row_constants, dim=-1), torch.softmax(logits, dim=-1),
+                    name="softmax(x + c) vs softmax(x)", atol=1e-14, rtol=1e-12)
+
+# %% [markdown]
+# So we may drop $\lVert q \rVert^2$, and RBF attention becomes
+#
+# $$ \operatorname{softmax}_j\!\Bigl(s\,\bigl(2\, q_i \cdot k_j - \lVert k_j \rVert^2\bigr)\Bigr) V :$$
+#
+# dot-product attention with the queries doubled and a *per-key* penalty $-s\lVert k_j\rVert^2$.
+# That penalty is what tames chapter 00's bully: a long key pays for its length.
+#
+# ### Exercise 1: key-norm logits
+#
+# Write `key_norm_logits(q, k, scale)` returning $s\,(2\, q k^\top - \lVert k \rVert^2)$ with shape
+# `(B, H, Nq, Nk)`, from `q (B, H, Nq, D)` and `k (B, H, Nk, D)`. One matrix product and one
+# broadcast subtraction (think about which axis $\lVert k_j \rVert^2$ varies along). The check
+# also confirms your logits give exactly RBF attention's softmax.
+
+# %% nbgrader={"grade": false, "grade_id": "ch02-ex1-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def key_norm_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    ### BEGIN SOLUTION
+    key_norms = k.square().sum(dim=-1)  # (B, H, Nk)
+    return scale * (2 * q @ k.transpose(-2, -1) - key_norms[..., None, :])
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch02-ex1-check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
+checks.ch02.check_key_norm_logits(key_norm_logits)
+
+# %% [markdown]
+# ## Getting $-\lVert k \rVert^2$ into SDPA
+#
+# SDPA's fused loop computes $s'\, q \cdot k$, optionally adds a mask you pass in, and runs the
+# softmax. There are two ways to smuggle in the key penalty.
+#
+# **Route 1, a float mask (bias).** SDPA accepts `attn_mask`, a float tensor added to the scores.
+# Pass $-s\lVert k_j\rVert^2$ with shape `(B, H, 1, Nk)` (it broadcasts over queries) and
+# $s' = 2s$. The catch: the fastest kernel (flash) takes no mask, and causal masking has to be
+# folded into the same tensor, which then has a row per query: `(B, H, Nq, Nk)`, N² again.
+#
+# **Route 2, a padded head dimension.** Make the penalty part of the dot product. Give every
+# query one extra coordinate and every key one extra coordinate:
+#
+# $$ q' = [\,q,\; -\tfrac12\,], \qquad k' = [\,k,\; \lVert k \rVert^2\,], \qquad
+#    q' \cdot k' = q \cdot k - \tfrac12 \lVert k \rVert^2 , $$
+#
+# so $2s\, q' \cdot k' = s\,(2 q\cdot k - \lVert k \rVert^2)$: plain SDPA, no mask, flash kernels
+# allowed. Flash kernels want the head dimension to be a multiple of 8, so in practice $D+1$
+# is zero-padded to $D+8$.
+#
+# ### Exercise 2: the padded vectors
+#
+# Write `padded_query_key(q, k)` returning `(q_padded, k_padded)` with one extra column each, such
+# that `q_padded @ k_padded.transpose(-2, -1)` equals $2\, q k^\top - \lVert k \rVert^2$ (no scale:
+# SDPA applies it). `q_padded` may depend only on `q`, and `k_padded` only on `k`: a fused kernel
+# meets them one tile at a time. (`torch.cat` along the last dimension; the factor 2 can go on
+# either side.)
+
+# %% nbgrader={"grade": false, "grade_id": "ch02-ex2-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+def padded_query_key(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ### BEGIN SOLUTION
+    minus_one = q.new_full((*q.shape[:-1], 1), -1.0)
+    q_padded = torch.cat([2 * q, minus_one], dim=-1)
+    k_padded = torch.cat([k, k.square().sum(dim=-1, keepdim=True)], dim=-1)
+    return q_padded, k_padded
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch02-ex2-check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
+checks.ch02.check_padded_query_key(padded_query_key)
+
+# %% [markdown]
+# The library has both routes, `backends.sdpa_bias_attention` and `backends.sdpa_padded_attention`,
+# with signature `(q, k, v, *, causal=False, scale=None)`. The rest of the chapter uses them.
+# First, are they right? In float32, against the float64 reference, with and without causal
+# masking (query $i$ sees keys $j \le i$ here, as $N_q = N_k$):
+
+# %%
+routes = {"SDPA + bias": backends.sdpa_bias_attention, "SDPA + padded": backends.sdpa_padded_attention}
+q_small, k_small, v_small = random_qkv(2, 3, 37, 32, seed=2)
+for causal in (False, True):
+    expected = rbf_attention_reference(q_small, k_small, v_small, causal=causal)
+    for name, route in routes.items():
+        checks.assert_close(route(q_small, k_small, v_small, causal=causal).cpu(), expected,
+                            name=f"{name}, causal={causal}", atol=2e-5, rtol=1e-4)
+
+# %% [markdown]
+# ## What each route costs: memory
+#
+# Peak memory beyond the inputs, in units of one `(B, H, N, N)` float32 matrix, for the routes so
+# far and for SDPA's plain dot-product attention (the cost we would like to match):
+
+# %%
+
+
+def dot_product_sdpa(q, k, v, causal=False):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+all_routes = {
+    "dot product (not RBF)": dot_product_sdpa,
+    "naive (cdist)": backends.naive_attention,
+    "matmul": backends.matmul_attention,
+    **routes,
+}
+peaks = {}
+for causal in (False, True):
+    for name, route in all_routes.items():
+        peaks[name, causal] = memory.peak_memory(functools.partial(route, causal=causal), q, k, v)
+        print(f"causal={causal!s:<5}  {name:<22} {format_bytes(peaks[name, causal]):>10}  "
+              f"= {peaks[name, causal] / one_matrix:5.2f} N×N matrices")
+
+# %%
+figure, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+for ax, causal in zip(axes, (False, True), strict=True):
+    viz.plot_bars([name.replace(" (", "\n(") for name in all_routes],
+                  [peaks[name, causal] / one_matrix for name in all_routes],
+                  ylabel="peak memory (N×N float32 matrices)", value_format="%.2f", ax=ax,
+                  title=f"{'Causal' if causal else 'Full'} attention, N={n_tokens:,}, {DEVICE.type}")
+plt.show()
+
+# %% [markdown]
+# Read the bars as "how many N×N matrices did this route hold at its peak". Anything well below 1
+# never held the matrix. Both SDPA routes stay there without a causal mask; with one, whatever
+# mask the route builds (a float bias with a row per query, or a boolean mask if the kernel
+# cannot apply causality itself) brings back a tensor of N² elements on devices where SDPA does
+# not take the bottom-right causal flag natively.
+#
+# ## What each route costs: speed
+#
+# Wall time per forward call, median of repeated runs (`torch.utils.benchmark`, which waits for
+# the GPU to finish). On a GPU this runs at the real sizes above in bfloat16, where the fused
+# kernels live; on a CPU the sizes are tiny and the numbers say little about a GPU.
+
+# %%
+q_speed, k_speed, v_speed = random_qkv(batch, heads, n_tokens, head_dim, dtype=speed_dtype)
+times_ms = {}
+for name, route in all_routes.items():
+    timer = benchmark.Timer(stmt="route(q, k, v)",
+                            globals={"route": route, "q": q_speed, "k": k_speed, "v": v_speed})
+    times_ms[name] = timer.blocked_autorange(min_run_time=0.3).median * 1e3
+    ratio = times_ms[name] / times_ms["dot product (not RBF)"]
+    print(f"{name:<22} {times_ms[name]:8.2f} ms   ({ratio:.2f}× dot product)")
+
+viz.plot_bars([name.replace(" (", "\n(") for name in all_routes], list(times_ms.values()),
+              ylabel="time per forward call (ms)", value_format="%.2f",
+              title=f"Forward time, B={batch} H={heads} N={n_tokens:,} D={head_dim}, "
+                    f"{dtype_name} on {DEVICE.type}")
+plt.show()
+
+# %% [markdown]
+# What to look for on a GPU: the padded route runs SDPA's flash kernel, but on $D + 8$ columns
+# instead of $D$ (12% more work at $D=64$; at $D=128$ the width 136 falls onto the next larger
+# kernel size), and it copies $q$, $k$ and $v$ into padded tensors first. The bias route cannot
+# use flash at all and reads its mask from memory on every tile.
+#
+# ## What each route costs: bfloat16 error
+#
+# Now the inputs are bfloat16, as in training. The reference is the float64 computation *of the
+# same bfloat16 inputs*, so input rounding is excluded and what remains is each route's own error.
+# We report the relative error $\lVert \text{out} - \text{ref} \rVert / \lVert \text{ref} \rVert$.
+# For scale: rounding the exact answer itself to bfloat16 already costs about $2\times10^{-3}$;
+# no bfloat16 output can do better.
+
+# %%
+q_bf16, k_bf16, v_bf16 = random_qkv(error_batch, error_heads, error_tokens, head_dim,
+                                    dtype=torch.bfloat16, seed=3)
+reference_out = backends.naive_attention(q_bf16.double(), k_bf16.double(), v_bf16.double())
+
+
+def relative_error(out: torch.Tensor) -> float:
+    return float((out.double() - reference_out).norm() / reference_out.norm())
+
+
+errors = {
+    "SDPA + bias": relative_error(backends.sdpa_bias_attention(q_bf16, k_bf16, v_bf16)),
+    "SDPA + padded": relative_error(backends.sdpa_padded_attention(q_bf16, k_bf16, v_bf16)),
+    "float32 inside\n(naive route)": relative_error(backends.naive_attention(q_bf16, k_bf16, v_bf16)),
+    "exact, rounded\nto bfloat16": relative_error(reference_out.to(torch.bfloat16)),
+}
+for name, error in errors.items():
+    print(f"{name.replace(chr(10), ' '):<30} relative error {error:.2e}")
+
+viz.plot_bars(list(errors), list(errors.values()), ylabel="relative error ‖out − ref‖ / ‖ref‖",
+              value_format="%.1e",
+              reference_lines={"H100 reference: both SDPA hacks ≈ 8e-3": 8e-3,
+                               "H100 reference: fp32-accumulated kernel ≈ 2e-3": 2e-3},
+              title=f"bfloat16 output error, N={error_tokens:,}, D={head_dim}, on {DEVICE.type}")
+plt.show()
+
+# %% [markdown]
+# The dashed lines are the reference figures measured on an H100 for this project: both SDPA
+# routes at about $8\times10^{-3}$ relative error in bfloat16, where a kernel that keeps its scores
+# in float32 shows about $2\times10^{-3}$, close to the rounding floor. The bars are what this
+# device measured just now.
+#
+# Where do the hacks lose a factor of four? In $\lVert k\rVert^2$. Both routes hand it to SDPA in
+# the inputs' dtype: as the bfloat16 mask $-s\lVert k\rVert^2$, or as the bfloat16 extra column.
+# bfloat16 keeps 8 significant bits, and $\lVert k\rVert^2 \approx D = 64$ is *large*: near 64 the
+# spacing between bfloat16 numbers is 0.5. The rounding error lands directly in each key's logit:
+
+# %%
+norms = backends.key_norms(k_bf16)  # float32, (B, H, Nk)
+attention_scale = head_dim**-0.5
+logit_errors = attention_scale * (norms.to(torch.bfloat16).float() - norms)
+print(f"|k|² ranges over [{norms.min():.1f}, {norms.max():.1f}]")
+print(f"logit error from rounding s·|k|² to bfloat16: typical {logit_errors.abs().mean():.4f}, "
+      f"largest {logit_errors.abs().max():.4f}")
+largest_weight_error = logit_errors.abs().max().exp() - 1
+print(f"-> each key's weight is off by a factor e^error: up to {100 * largest_weight_error:.1f}%")
+
+# %% [markdown]
+# A logit error $\epsilon$ multiplies that key's weight by $e^\epsilon \approx 1 + \epsilon$: a
+# per-key error of about 1%, fixed by the key and not averaged away. A kernel that computes
+# $\lVert k \rVert^2$ in float32 from the tile it already holds never rounds it.
+#
+# (The library's padded route has a partial repair, `split_norms=True`: it stores
+# $\lVert k\rVert^2$ as a bfloat16 high part plus a bfloat16 remainder in two columns, which the
+# kernel's float32 accumulation adds back together. It recovers the accuracy and keeps the cost
+# in width.)
+
+# %%
+split_error = relative_error(backends.sdpa_padded_attention(q_bf16, k_bf16, v_bf16, split_norms=True))
+print(f"SDPA + padded, split norms: relative error {split_error:.2e}")
+
+# %% [markdown]
+# ## Why a fused kernel of our own
+#
+# SDPA's fused loop knows one score: $s\, q \cdot k$, plus whatever it reads from a mask. To subtract
+# $\lVert k\rVert^2$ inside that loop we had to either
+#
+# - **pass a bias**: a tensor read from memory, in the inputs' precision, that rules out the flash
+#   kernel and, once causal masking joins it, has N² elements again; or
+# - **pad the head dimension**: an extra column in the inputs' precision, $D + 8$ columns of work
+#   and memory traffic for $q$, $k$ and $v$, and extra copies to build them.
+#
+# Both put $\lVert k\rVert^2$ through bfloat16, costing about 4× the error of a float32-accumulated
+# kernel. What we want is simple to say: load a tile of keys into fast on-chip memory, compute their
+# norms there in float32, subtract them from the tile's scores, and carry on with the online
+# softmax. No N² tensor, no padding, no rounded norms. Chapter 03 writes that kernel in Triton.
+#
+# ## Summary
+#
+# - $-\lVert q-k\rVert^2 = 2\,q\cdot k - \lVert k\rVert^2 - \lVert q\rVert^2$, exactly (checked to
+#   $10^{-12}$ in float64), and softmax ignores the per-query $-\lVert q\rVert^2$.
+# - So RBF attention is dot-product attention with doubled queries and a per-key penalty.
+# - Through SDPA that penalty goes in as a float mask or as an extra head-dim column. Both avoid
+#   N² memory without causal masking; both cost accuracy in bfloat16 (here measured against the
+#   H100 reference of ≈8e-3 vs ≈2e-3); each has its own speed cost on a GPU.
+#
+# ## Where this breaks
+#
+# - **Cancellation.** The expanded form subtracts large numbers: for far-apart $q$ and $k$ of norm
+#   100, $\lVert q\rVert^2$ and $2\,q\cdot k$ are about $10^4$ each, so float32 (7 digits) keeps
+#   only about 3 digits of their difference. Fine for softmax logits of order one; not for
+#   computing distances themselves.
+# - **bfloat16 penalties.** Any route that stores $\lVert k\rVert^2$ in bfloat16 rounds it by up
+#   to $\lVert k\rVert^2 / 256$ (0.25 near 64): about 4× the output error of a float32 kernel.
+# - **Causal masks.** A bias has one row per query once causality is folded in: N² elements,
+#   exactly what we set out to avoid.

@@ -1,0 +1,121 @@
+"""Forward pass of fused RBF attention: FlashAttention-2's loop with a key-norm penalty.
+
+For one block of queries the kernel walks over key tiles, keeping a running row max and row sum
+(the online softmax), so the Nq x Nk matrix of weights never leaves the chip. The logits are
+
+    s_ij = scale * (2 q_i . k_j - |k_j|^2)        (= -scale |q_i - k_j|^2 + scale |q_i|^2)
+
+and softmax ignores the per-row constant scale |q_i|^2, so these are exactly RBF weights. The only
+change from a dot-product flash kernel is one fp32 vector per key tile: the squared key norms,
+computed from the tile that was loaded anyway.
+
+Everything runs in base 2 (exp2 is a single hardware instruction): the logits are multiplied by
+log2(e) once, through the two constants ``dot_scale`` and ``norm_scale`` below, and the saved
+log-sum-exp is in base-2 units too.
+"""
+
+import triton
+import triton.language as tl
+
+from .tiles import load_tile, squared_norms, store_tile
+
+
+@triton.jit
+def _accumulate_key_tiles(
+    acc, row_sum, row_max, q, K, V, stride_kn, stride_vn,
+    query_rows, key_start, key_end, n_keys, causal_offset, dot_scale, norm_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Fold key tiles [key_start, key_end) into the running softmax state (acc, row_sum, row_max).
+
+    MASKED tiles may run past the last key or cross the causal diagonal; unmasked ones do neither,
+    so the common case pays for no masks at all.
+    """
+    key_offsets = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    dims_v = tl.arange(0, BLOCK_DV)
+    for tile_start in range(key_start, key_end, BLOCK_N):
+        keys = tile_start + key_offsets
+        k = load_tile(K, keys, dims, stride_kn, n_keys, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+        key_penalty = squared_norms(k, ACC_DTYPE) * norm_scale
+        if IEEE_DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        logits = qk * dot_scale - key_penalty[None, :]
+        if MASKED:
+            visible = keys[None, :] < n_keys
+            if CAUSAL:
+                visible = visible & (keys[None, :] <= query_rows[:, None] + causal_offset)
+            logits = tl.where(visible, logits, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+        weights = tl.math.exp2(logits - new_max[:, None])
+        rescale = tl.math.exp2(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(weights, axis=1)
+        acc = acc * rescale[:, None]
+        v = load_tile(V, keys, dims_v, stride_vn, n_keys, HEAD_DIM_V, MASKED, BLOCK_DV != HEAD_DIM_V)
+        if IEEE_DOT:
+            acc = tl.dot(weights.to(v.dtype), v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(weights.to(v.dtype), v, acc)
+        row_max = new_max
+    return acc, row_sum, row_max
+
+
+@triton.jit
+def rbf_forward_kernel(
+    Q, K, V, OUT, LSE,                     # q, k, v (B, H, N, D); OUT (B, H, Nq, Dv); LSE (B, H, Nq)
+    stride_qb, stride_qh, stride_qn,       # strides in elements; the last dim of every tensor is unit-stride
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    n_heads, n_queries, n_keys,
+    causal_offset,                         # Nk - Nq: query i sees key j iff j <= i + causal_offset
+    dot_scale,                             # 2 * scale * log2(e)
+    norm_scale,                            # scale * log2(e)
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    block_start = tl.program_id(0) * BLOCK_M
+    batch_head = tl.program_id(1)
+    batch = (batch_head // n_heads).to(tl.int64)
+    head = (batch_head % n_heads).to(tl.int64)
+    Q += batch * stride_qb + head * stride_qh
+    K += batch * stride_kb + head * stride_kh
+    V += batch * stride_vb + head * stride_vh
+    OUT += batch * stride_ob + head * stride_oh
+    LSE += batch_head.to(tl.int64) * n_queries
+
+    query_rows = block_start + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    q = load_tile(Q, query_rows, dims, stride_qn, n_queries, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+    row_sum = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC_DTYPE)
+
+    # Key tiles split in two ranges: whole tiles every query of the block may see (no masks), then
+    # the tiles that cross the causal diagonal or the end of the keys (masked).
+    full_end = (n_keys // BLOCK_N) * BLOCK_N
+    key_end = n_keys
+    if CAUSAL:
+        first_row_last_key = block_start + causal_offset  # last key the block's first query sees
+        full_end = tl.minimum(full_end, ((first_row_last_key + 1) // BLOCK_N) * BLOCK_N)
+        key_end = tl.minimum(n_keys, block_start + BLOCK_M + causal_offset)
+    acc, row_sum, row_max = _accumulate_key_tiles(
+        acc, row_sum, row_max, q, K, V, stride_kn, stride_vn, query_rows, 0, full_end,
+        n_keys, causal_offset, dot_scale, norm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
+        False, CAUSAL, IEEE_DOT, ACC_DTYPE)
+    acc, row_sum, row_max = _accumulate_key_tiles(
+        acc, row_sum, row_max, q, K, V, stride_kn, stride_vn, query_rows, full_end, key_end,
+        n_keys, causal_offset, dot_scale, norm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
+        True, CAUSAL, IEEE_DOT, ACC_DTYPE)
+
+    out = acc / row_sum[:, None]
+    store_tile(OUT, out.to(OUT.dtype.element_ty), query_rows, tl.arange(0, BLOCK_DV), stride_on,
+               n_queries, HEAD_DIM_V)
+    tl.store(LSE + query_rows, row_max + tl.math.log2(row_sum), mask=query_rows < n_queries)

@@ -1,0 +1,142 @@
+"""Host side of the fused kernels: tile shapes, autotuning, grids and launches.
+
+On a GPU each kernel is autotuned over a handful of tile shapes, per (lengths, head dims, causal,
+dtype). ``RBF_TUTORIAL_AUTOTUNE=0`` skips the search and uses the first tile shape of each list, which
+saves minutes of compiling when many shapes are run once (tests). Under the CPU interpreter there is
+no GPU to time, so one small tile shape is used, and bf16 is computed in fp32 because the
+interpreter's bf16 ``tl.dot`` gives wrong numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+
+from rbf_tutorial.runtime import interpreting
+
+from .backward import delta_kernel, dkdv_kernel, dq_kernel
+from .forward import rbf_forward_kernel
+
+LOG2_E = math.log2(math.e)
+MAX_HEAD_DIM = 256
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). In every kernel M indexes queries and N keys; the
+# forward and dq kernels own a query tile and walk over keys, dkdv owns a key tile and walks queries.
+FORWARD_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+DKDV_TILES = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)]
+DQ_TILES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+INTERPRETER_TILE = (16, 16, 1, 1)
+DELTA_BLOCK_M = 64
+TUNE_KEY = ["n_queries", "n_keys", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "IEEE_DOT"]
+
+
+@cache
+def _autotuned(kernel, tiles: tuple):
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in tiles]
+    return triton.autotune(configs=configs, key=TUNE_KEY)(kernel)
+
+
+def _launch(kernel, tiles, length: int, tile_of_length: str, programs: int, args, constexprs) -> None:
+    """Launch ``kernel`` over ``length`` rows split into tiles (``"BLOCK_M"`` or ``"BLOCK_N"``)."""
+    fixed_tile = INTERPRETER_TILE if interpreting() else None
+    if fixed_tile is None and os.environ.get("RBF_TUTORIAL_AUTOTUNE", "1") == "0":
+        fixed_tile = tiles[0]
+    if fixed_tile is not None:
+        block_m, block_n, num_warps, num_stages = fixed_tile
+        block = block_m if tile_of_length == "BLOCK_M" else block_n
+        grid = (triton.cdiv(length, block), programs)
+        kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+                     num_stages=num_stages, **constexprs)
+        return
+
+    def grid(meta):
+        return (triton.cdiv(length, meta[tile_of_length]), programs)
+
+    _autotuned(kernel, tuple(tiles))[grid](*args, **constexprs)
+
+
+def _block_dim(dim: int) -> int:
+    # tl.dot wants every tile dimension to be a power of two, at least 16.
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _prepare(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # The kernels take any batch, head and sequence strides, but read the head dim contiguously.
+    x = x.to(dtype)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
+
+
+def _constexprs(q: torch.Tensor, v: torch.Tensor, causal: bool) -> dict:
+    return dict(
+        HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], CAUSAL=causal,
+        # fp32 inputs get true fp32 products (not tf32): fp32 is the dtype people check against.
+        IEEE_DOT=q.dtype == torch.float32,
+        BLOCK_D=_block_dim(q.shape[-1]), BLOCK_DV=_block_dim(v.shape[-1]),
+        ACC_DTYPE=_accumulator_dtype(q.dtype)[1],
+    )
+
+
+def _accumulator_dtype(dtype: torch.dtype):
+    """(torch, triton) accumulator dtype: fp32, except fp64 all the way for float64 inputs (gradcheck)."""
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _scales(scale: float) -> tuple[float, float, float]:
+    """(dot_scale, norm_scale, grad_scale) for logits scale * (2 q.k - |k|^2) taken in base 2."""
+    return 2.0 * scale * LOG2_E, scale * LOG2_E, 2.0 * scale
+
+
+def flash_forward(q, k, v, causal: bool, scale: float):
+    """Run the forward kernel: (output in q's dtype, base-2 log-sum-exp per query, fp32 or fp64)."""
+    batch, heads, n_queries, _ = q.shape
+    n_keys = k.shape[2]
+    out_dtype = q.dtype
+    compute = _compute_dtype(q.dtype)
+    q, k, v = (_prepare(t, compute) for t in (q, k, v))
+    out = torch.empty((batch, heads, n_queries, v.shape[-1]), device=q.device, dtype=compute)
+    lse = torch.empty((batch, heads, n_queries), device=q.device, dtype=_accumulator_dtype(compute)[0])
+    dot_scale, norm_scale, _ = _scales(scale)
+    args = (q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            heads, n_queries, n_keys, n_keys - n_queries, dot_scale, norm_scale)
+    _launch(rbf_forward_kernel, FORWARD_TILES, n_queries, "BLOCK_M", batch * heads, args,
+            _constexprs(q, v, causal))
+    return out.to(out_dtype), lse
+
+
+def flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float):
+    """Run the backward kernels: (dq, dk, dv), each in its input's dtype."""
+    batch, heads, n_queries, _ = q.shape
+    n_keys = k.shape[2]
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    compute = _compute_dtype(q.dtype)
+    q, k, v, out, grad_out = (_prepare(t, compute) for t in (q, k, v, out, grad_out))
+
+    delta = torch.empty_like(lse)
+    delta_grid = (triton.cdiv(n_queries, DELTA_BLOCK_M), batch * heads)
+    delta_kernel[delta_grid](out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads,
+                             n_queries, HEAD_DIM_V=v.shape[-1], BLOCK_M=DELTA_BLOCK_M,
+                             BLOCK_DV=_block_dim(v.shape[-1]),
+                             ACC_DTYPE=_accumulator_dtype(compute)[1])
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dot_scale, norm_scale, grad_scale = _scales(scale)
+    constexprs = _constexprs(q, v, causal)
+    input_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
+    sizes_and_scales = (heads, n_queries, n_keys, n_keys - n_queries, dot_scale, norm_scale, grad_scale)
+    _launch(dkdv_kernel, DKDV_TILES, n_keys, "BLOCK_N", batch * heads,
+            (q, k, v, grad_out, lse, delta, dk, dv, *input_strides, *dk.stride()[:3], *dv.stride()[:3],
+             *sizes_and_scales), constexprs)
+    _launch(dq_kernel, DQ_TILES, n_queries, "BLOCK_M", batch * heads,
+            (q, k, v, grad_out, lse, delta, dq, *input_strides, *dq.stride()[:3], *sizes_and_scales),
+            constexprs)
+    return tuple(g.to(dtype) for g, dtype in zip((dq, dk, dv), dtypes, strict=True))
