@@ -46,7 +46,7 @@ assert torch_version >= (2, 5), f"PyTorch {torch.__version__} is too old: instal
 generator = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(1, 2, 8, 16, generator=generator) for _ in range(3))
 out = rbf_tutorial.rbf_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE))
-checks.assert_close(out.cpu(), rbf_attention_reference(q, k, v), name="rbf_attention", atol=1e-5,
+checks.assert_close(out.cpu(), rbf_attention_reference(q, k, v), name="rbf_attention", atol=1e-4,
                     hint="The library disagrees with its own reference: is the install broken?")
 
 # %% [markdown]

@@ -46,7 +46,7 @@ def _dkdv_query_tiles(
     key_rows, query_start, query_end, n_queries, causal_offset, dot_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Accumulate one key tile's dK, dV and rowsum(dS^T) over query tiles [query_start, query_end).
 
@@ -66,30 +66,30 @@ def _dkdv_query_tiles(
         else:
             lse = tl.load(LSE + queries)
             delta = tl.load(DELTA + queries)
-        if IEEE_DOT:
-            kq = tl.dot(k, tl.trans(q), input_precision="ieee")
+        if FP32_DOT:
+            kq = tl.dot(k, tl.trans(q), input_precision="tf32x3", out_dtype=ACC_DTYPE)
         else:
-            kq = tl.dot(k, tl.trans(q))
+            kq = tl.dot(k, tl.trans(q), out_dtype=ACC_DTYPE)
         weights_t = tl.math.exp2(kq * dot_scale - key_penalty[:, None] - lse[None, :])
         if MASKED:
             visible = queries[None, :] < n_queries
             if CAUSAL:
                 visible = visible & (key_rows[:, None] <= queries[None, :] + causal_offset)
             weights_t = tl.where(visible, weights_t, 0.0)
-        if IEEE_DOT:
-            dv = tl.dot(weights_t.to(do.dtype), do, dv, input_precision="ieee")
-            dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+        if FP32_DOT:
+            dv = tl.dot(weights_t.to(do.dtype), do, dv, input_precision="tf32x3", out_dtype=ACC_DTYPE)
+            dp_t = tl.dot(v, tl.trans(do), input_precision="tf32x3", out_dtype=ACC_DTYPE)
         else:
-            dv = tl.dot(weights_t.to(do.dtype), do, dv)
-            dp_t = tl.dot(v, tl.trans(do))
+            dv = tl.dot(weights_t.to(do.dtype), do, dv, out_dtype=ACC_DTYPE)
+            dp_t = tl.dot(v, tl.trans(do), out_dtype=ACC_DTYPE)
         # Round dS once and use the same rounded values for both terms of dK: they nearly cancel
         # when queries sit close to the key, and rounding them differently would leave the error.
         ds_t = (weights_t * (dp_t - delta[None, :])).to(q.dtype)
         ds_rowsum += tl.sum(ds_t.to(ACC_DTYPE), axis=1)
-        if IEEE_DOT:
-            dk = tl.dot(ds_t, q, dk, input_precision="ieee")
+        if FP32_DOT:
+            dk = tl.dot(ds_t, q, dk, input_precision="tf32x3", out_dtype=ACC_DTYPE)
         else:
-            dk = tl.dot(ds_t, q, dk)
+            dk = tl.dot(ds_t, q, dk, out_dtype=ACC_DTYPE)
     return dk, dv, ds_rowsum
 
 
@@ -107,7 +107,7 @@ def dkdv_kernel(
     norm_scale,                            # scale * log2(e)
     grad_scale,                            # 2 * scale: turns sum_i dS_ij (q_i - k_j) into dk_j
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -148,15 +148,15 @@ def dkdv_kernel(
         dk, dv, ds_rowsum = _dkdv_query_tiles(
             dk, dv, ds_rowsum, k, v, key_penalty, Q, DO, LSE, DELTA, stride_qn, stride_don,
             key_rows, first_query, full_start, n_queries, causal_offset, dot_scale,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, True, CAUSAL, IEEE_DOT, ACC_DTYPE)
+            HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, True, CAUSAL, FP32_DOT, ACC_DTYPE)
     dk, dv, ds_rowsum = _dkdv_query_tiles(
         dk, dv, ds_rowsum, k, v, key_penalty, Q, DO, LSE, DELTA, stride_qn, stride_don,
         key_rows, full_start, full_end, n_queries, causal_offset, dot_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, False, CAUSAL, IEEE_DOT, ACC_DTYPE)
+        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, False, CAUSAL, FP32_DOT, ACC_DTYPE)
     dk, dv, ds_rowsum = _dkdv_query_tiles(
         dk, dv, ds_rowsum, k, v, key_penalty, Q, DO, LSE, DELTA, stride_qn, stride_don,
         key_rows, tl.maximum(full_end, first_query), n_queries, n_queries, causal_offset, dot_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, True, CAUSAL, IEEE_DOT, ACC_DTYPE)
+        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, True, CAUSAL, FP32_DOT, ACC_DTYPE)
 
     dk = grad_scale * (dk - ds_rowsum[:, None] * k.to(ACC_DTYPE))
     store_tile(DK + batch * stride_dkb + head * stride_dkh, dk.to(DK.dtype.element_ty), key_rows, dims,
@@ -171,7 +171,7 @@ def _dq_key_tiles(
     query_rows, key_start, key_end, n_keys, causal_offset, dot_scale, norm_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Accumulate one query tile's dQ (before the 2*scale factor) over key tiles [key_start, key_end)."""
     key_offsets = tl.arange(0, BLOCK_N)
@@ -182,12 +182,12 @@ def _dq_key_tiles(
         k = load_tile(K, keys, dims, stride_kn, n_keys, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         v = load_tile(V, keys, dims_v, stride_vn, n_keys, HEAD_DIM_V, MASKED, BLOCK_DV != HEAD_DIM_V)
         key_penalty = squared_norms(k, ACC_DTYPE) * norm_scale
-        if IEEE_DOT:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        if FP32_DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision="tf32x3", out_dtype=ACC_DTYPE)
+            dp = tl.dot(do, tl.trans(v), input_precision="tf32x3", out_dtype=ACC_DTYPE)
         else:
-            qk = tl.dot(q, tl.trans(k))
-            dp = tl.dot(do, tl.trans(v))
+            qk = tl.dot(q, tl.trans(k), out_dtype=ACC_DTYPE)
+            dp = tl.dot(do, tl.trans(v), out_dtype=ACC_DTYPE)
         weights = tl.math.exp2(qk * dot_scale - key_penalty[None, :] - lse[:, None])
         if MASKED:
             visible = keys[None, :] < n_keys
@@ -195,10 +195,10 @@ def _dq_key_tiles(
                 visible = visible & (keys[None, :] <= query_rows[:, None] + causal_offset)
             weights = tl.where(visible, weights, 0.0)
         ds = (weights * (dp - delta[:, None])).to(k.dtype)
-        if IEEE_DOT:
-            dq = tl.dot(ds, k, dq, input_precision="ieee")
+        if FP32_DOT:
+            dq = tl.dot(ds, k, dq, input_precision="tf32x3", out_dtype=ACC_DTYPE)
         else:
-            dq = tl.dot(ds, k, dq)
+            dq = tl.dot(ds, k, dq, out_dtype=ACC_DTYPE)
     return dq
 
 
@@ -213,11 +213,15 @@ def dq_kernel(
     n_heads, n_queries, n_keys, causal_offset,
     dot_scale, norm_scale, grad_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    block_start = tl.program_id(0) * BLOCK_M
+    block_index = tl.program_id(0)
+    if CAUSAL:
+        # Late query tiles see the most keys: launch them first so the last wave is short work.
+        block_index = tl.num_programs(0) - 1 - block_index
+    block_start = block_index * BLOCK_M
     batch_head = tl.program_id(1)
     batch = (batch_head // n_heads).to(tl.int64)
     head = (batch_head % n_heads).to(tl.int64)
@@ -246,9 +250,9 @@ def dq_kernel(
         key_end = tl.minimum(n_keys, block_start + BLOCK_M + causal_offset)
     dq = _dq_key_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, query_rows, 0, full_end,
                        n_keys, causal_offset, dot_scale, norm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N,
-                       BLOCK_D, BLOCK_DV, False, CAUSAL, IEEE_DOT, ACC_DTYPE)
+                       BLOCK_D, BLOCK_DV, False, CAUSAL, FP32_DOT, ACC_DTYPE)
     dq = _dq_key_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, query_rows, full_end, key_end,
                        n_keys, causal_offset, dot_scale, norm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N,
-                       BLOCK_D, BLOCK_DV, True, CAUSAL, IEEE_DOT, ACC_DTYPE)
+                       BLOCK_D, BLOCK_DV, True, CAUSAL, FP32_DOT, ACC_DTYPE)
     store_tile(DQ + batch * stride_dqb + head * stride_dqh, (dq * grad_scale).to(DQ.dtype.element_ty),
                query_rows, dims, stride_dqn, n_queries, HEAD_DIM)

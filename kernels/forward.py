@@ -26,7 +26,7 @@ def _accumulate_key_tiles(
     query_rows, key_start, key_end, n_keys, causal_offset, dot_scale, norm_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Fold key tiles [key_start, key_end) into the running softmax state (acc, row_sum, row_max).
 
@@ -40,10 +40,10 @@ def _accumulate_key_tiles(
         keys = tile_start + key_offsets
         k = load_tile(K, keys, dims, stride_kn, n_keys, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         key_penalty = squared_norms(k, ACC_DTYPE) * norm_scale
-        if IEEE_DOT:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        if FP32_DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision="tf32x3", out_dtype=ACC_DTYPE)
         else:
-            qk = tl.dot(q, tl.trans(k))
+            qk = tl.dot(q, tl.trans(k), out_dtype=ACC_DTYPE)
         logits = qk * dot_scale - key_penalty[None, :]
         if MASKED:
             visible = keys[None, :] < n_keys
@@ -56,10 +56,10 @@ def _accumulate_key_tiles(
         row_sum = row_sum * rescale + tl.sum(weights, axis=1)
         acc = acc * rescale[:, None]
         v = load_tile(V, keys, dims_v, stride_vn, n_keys, HEAD_DIM_V, MASKED, BLOCK_DV != HEAD_DIM_V)
-        if IEEE_DOT:
-            acc = tl.dot(weights.to(v.dtype), v, acc, input_precision="ieee")
+        if FP32_DOT:
+            acc = tl.dot(weights.to(v.dtype), v, acc, input_precision="tf32x3", out_dtype=ACC_DTYPE)
         else:
-            acc = tl.dot(weights.to(v.dtype), v, acc)
+            acc = tl.dot(weights.to(v.dtype), v, acc, out_dtype=ACC_DTYPE)
         row_max = new_max
     return acc, row_sum, row_max
 
@@ -76,11 +76,15 @@ def rbf_forward_kernel(
     dot_scale,                             # 2 * scale * log2(e)
     norm_scale,                            # scale * log2(e)
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    block_start = tl.program_id(0) * BLOCK_M
+    block_index = tl.program_id(0)
+    if CAUSAL:
+        # Late query tiles see the most keys: launch them first so the last wave is short work.
+        block_index = tl.num_programs(0) - 1 - block_index
+    block_start = block_index * BLOCK_M
     batch_head = tl.program_id(1)
     batch = (batch_head // n_heads).to(tl.int64)
     head = (batch_head % n_heads).to(tl.int64)
@@ -109,11 +113,11 @@ def rbf_forward_kernel(
     acc, row_sum, row_max = _accumulate_key_tiles(
         acc, row_sum, row_max, q, K, V, stride_kn, stride_vn, query_rows, 0, full_end,
         n_keys, causal_offset, dot_scale, norm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-        False, CAUSAL, IEEE_DOT, ACC_DTYPE)
+        False, CAUSAL, FP32_DOT, ACC_DTYPE)
     acc, row_sum, row_max = _accumulate_key_tiles(
         acc, row_sum, row_max, q, K, V, stride_kn, stride_vn, query_rows, full_end, key_end,
         n_keys, causal_offset, dot_scale, norm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-        True, CAUSAL, IEEE_DOT, ACC_DTYPE)
+        True, CAUSAL, FP32_DOT, ACC_DTYPE)
 
     out = acc / row_sum[:, None]
     store_tile(OUT, out.to(OUT.dtype.element_ty), query_rows, tl.arange(0, BLOCK_DV), stride_on,

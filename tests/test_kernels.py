@@ -118,3 +118,15 @@ def test_head_dim_limit_is_reported():
     q = torch.randn(1, 1, 4, 300)
     with pytest.raises(ValueError, match="head dims up to 256"):
         rbf_flash_attention(q, q, q)
+
+
+def test_custom_op_registration():
+    """The operator torch.compile sees: schema, fake tensors and autograd registration all agree."""
+    from rbf_tutorial.kernels.op import _forward_op
+
+    generator = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=generator).requires_grad_() for n in (7, 19, 19))
+    torch.library.opcheck(_forward_op, (q, k, v, True, 0.3))
+    out, _ = _forward_op(q, k, v, True, 0.3)
+    eager = rbf_flash_attention(q, k, v, causal=True, scale=0.3)
+    assert torch.equal(out, eager)
