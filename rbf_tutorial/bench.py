@@ -860,21 +860,40 @@ def write_json(
     path.write_text(json.dumps(document, indent=1) + "\n")
 
 
+RECORDED_H100 = Path(__file__).parent / "recorded" / "kernel_benchmark_h100.json"
+
+
+def load_results(path: Path | str = RECORDED_H100) -> tuple[list[Result], dict[str, Any]]:
+    """Read a ``bench.json`` back: its results and its metadata (device, versions, command, date).
+
+    The default is the run recorded on an H100 that ships with the package, so a chapter on a
+    machine without a GPU can still show real numbers, with where they came from.
+    """
+    document = json.loads(Path(path).read_text())
+    fields = {field.name for field in dataclasses.fields(Result)}
+    results = [Result(**{key: value for key, value in record.items() if key in fields})
+               for record in document["results"]]
+    return results, document["metadata"]
+
+
 def plot_results(results: Sequence[Result], out_dir: Path, *, device_name: str = "") -> list[Path]:
     """Two PNGs, one panel per (D, causal, mode): time over flash's time vs N, and peak memory vs N."""
     if not results:
         return []
     title = f"RBF attention vs dot-product SDPA, bf16{', ' + device_name if device_name else ''}"
-    ratio = _plot_grid(
-        results, lambda r: r.ratio_to_flash, ylabel=f"time / {FLASH} time", title=title,
-        skip=(FLASH,), guides=(1.0, 1.2),
-    )
+    ratio = time_ratio_figure(results, title=title)
     memory = _plot_grid(results, lambda r: r.peak_mib, ylabel="peak memory (MiB)", title=title)
     written = []
     for filename, figure in (("time_ratio.png", ratio), ("peak_memory.png", memory)):
         figure.savefig(out_dir / filename, dpi=120)
         written.append(out_dir / filename)
     return written
+
+
+def time_ratio_figure(results: Sequence[Result], *, title: str = "") -> Any:
+    """Time over dot-product flash's time vs N, one panel per (D, causal, mode); guides at 1.0 and 1.2."""
+    return _plot_grid(results, lambda r: r.ratio_to_flash, ylabel=f"time / {FLASH} time", title=title,
+                      skip=(FLASH,), guides=(1.0, 1.2))
 
 
 def _plot_grid(

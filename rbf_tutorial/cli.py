@@ -3,6 +3,7 @@
     rbf-tutorial doctor          what is installed, where kernels run, what to do about gaps
     rbf-tutorial lab             JupyterLab on chapters/, chapter .py files open as notebooks
     rbf-tutorial bench [...]     the benchmark; every argument after `bench` goes to it
+    rbf-tutorial assignments OUT_DIR [--chapters 00,01]   nbgrader student and instructor notebooks
 
 ``python -m rbf_tutorial`` is the same command.
 """
@@ -29,6 +30,10 @@ from . import runtime
 # The module is imported only when its command runs, so `doctor` and `lab` never pay for it.
 FORWARDED_COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("rbf_tutorial.bench", "time every backend side by side (arguments go to rbf_tutorial.bench)"),
+    "assignments": (
+        "rbf_tutorial.assignments",
+        "student (stubs) and instructor notebooks of the chapters, built with nbgrader",
+    ),
 }
 
 # Folder shipped inside the package; `lab` puts it on JUPYTER_CONFIG_PATH. Its
