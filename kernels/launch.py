@@ -30,10 +30,10 @@ MAX_HEAD_DIM = 256
 # forward and dq kernels own a query tile and walk over keys, dkdv owns a key tile and walks queries.
 FORWARD_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
 DKDV_TILES = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2)]
-# dq runs without software pipelining (num_stages=1): on triton 3.6 / H100 every pipelined dq tile
-# we tried gave run-to-run different dq in fp16/bf16, and 128-row tiles gave wrong dq (0.04-0.23
-# relative error, measured), while fp32, the interpreter and unpipelined tiles were right and
-# bitwise repeatable. tests/gpu/test_kernels_gpu.py pins every tile shape listed here in turn.
+# dq runs without software pipelining (num_stages=1). Measured on triton 3.6 / H100 in fp16 and bf16:
+# pipelined dq tiles gave run-to-run different dq, and 128-row ones wrong dq (0.04-0.23 relative
+# error), while fp32, the interpreter and unpipelined tiles were right and bitwise repeatable.
+# tests/gpu/test_kernels_gpu.py pins every tile shape listed here in turn and checks repeatability.
 DQ_TILES = [(64, 64, 4, 1), (128, 64, 4, 1), (64, 128, 8, 1), (128, 128, 8, 1), (128, 32, 4, 1)]
 # Small enough for every head dim and dtype (fp32 at D=256 overflows shared memory with the tiles
 # above): the autotuner always has it to fall back on, and the fixed-tile mode retries with it.

@@ -27,24 +27,15 @@ without registers: nothing needs removing.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 
+from .arguments import positive_int
 from .attention import rbf_attention, validate_inputs
 from .backends import compute_dtype, default_scale
 from .reference import causal_visibility, rbf_logits_reference
 
 __all__ = ["RegisterTokens", "attend_with_registers", "attention_weights", "register_weights"]
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return int(value)
 
 
 class RegisterTokens(nn.Module):
@@ -75,10 +66,10 @@ class RegisterTokens(nn.Module):
         value_dim: int | None = None,
     ) -> None:
         super().__init__()
-        self.num_heads = _positive_int("num_heads", num_heads)
-        self.head_dim = _positive_int("head_dim", head_dim)
-        self.num_registers = _positive_int("num_registers", num_registers)
-        self.value_dim = self.head_dim if value_dim is None else _positive_int("value_dim", value_dim)
+        self.num_heads = positive_int("num_heads", num_heads)
+        self.head_dim = positive_int("head_dim", head_dim)
+        self.num_registers = positive_int("num_registers", num_registers)
+        self.value_dim = self.head_dim if value_dim is None else positive_int("value_dim", value_dim)
         self.keys = nn.Parameter(torch.zeros(self.num_heads, self.num_registers, self.head_dim))
         self.values = nn.Parameter(torch.zeros(self.num_heads, self.num_registers, self.value_dim))
 
@@ -94,7 +85,9 @@ class RegisterTokens(nn.Module):
             ("v", v, self.value_dim, "value_dim"),
         ):
             if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name}: expected a torch.Tensor (B, H, N, {size_name}), got {type(x).__name__}")
+                raise TypeError(
+                    f"{name}: expected a torch.Tensor (B, H, N, {size_name}), got {type(x).__name__}"
+                )
             if not x.is_floating_point():
                 raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
             if x.dim() != 4 or x.shape[1] != self.num_heads or x.shape[3] != size:
@@ -104,7 +97,8 @@ class RegisterTokens(nn.Module):
                 )
         if tuple(k.shape[:3]) != tuple(v.shape[:3]):
             raise ValueError(
-                f"v: expected the same batch, heads and length as k {tuple(k.shape[:3])}, got {tuple(v.shape)}"
+                f"v: expected the same batch, heads and length as k {tuple(k.shape[:3])}, "
+                f"got {tuple(v.shape)}"
             )
 
     def prepend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +129,9 @@ class RegisterTokens(nn.Module):
 
 def _check_registers(registers: object) -> None:
     if registers is not None and not isinstance(registers, RegisterTokens):
-        raise TypeError(f"registers: expected a RegisterTokens module or None, got {type(registers).__name__}")
+        raise TypeError(
+            f"registers: expected a RegisterTokens module or None, got {type(registers).__name__}"
+        )
 
 
 def attend_with_registers(
@@ -185,8 +181,9 @@ def attention_weights(
     """The full RBF attention map, registers first: ``(B, H, Nq, R + Nk)``, rows summing to one.
 
     Computed from explicit differences (as :mod:`rbf_tutorial.reference` does) in ``q``'s dtype,
-    or float32 for half-precision inputs, and returned in that dtype. It materialises ``(B, H, Nq, R + Nk, D)``: for small inputs and pictures (heatmaps), not
-    for training. Columns ``0 .. R-1`` are the registers; hidden (future) keys get weight 0.
+    or float32 for half-precision inputs, and returned in that dtype. It materialises
+    ``(B, H, Nq, R + Nk, D)``: for small inputs and pictures (heatmaps), not for training.
+    Columns ``0 .. R-1`` are the registers; hidden (future) keys get weight 0.
     """
     _check_registers(registers)
     if not isinstance(k, torch.Tensor):
