@@ -18,12 +18,14 @@
 # chapter reads it once, at the top.
 
 # %%
+import io
 import math
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import torch
 from IPython.display import display
+from matplotlib.figure import Figure
 
 import rbf_tutorial
 from rbf_tutorial import checks, viz
@@ -163,23 +165,35 @@ plt.show()
 latest_weights = {}  # what the plot last drew, so a cell below can check that it moved
 
 
-def draw_both(long_length: float) -> None:
+def draw_both(long_length: float) -> bytes:
+    """Both panels for one length of the long key, as PNG bytes for the image under the slider."""
     moved_keys = keys.clone()
     moved_keys[key_names.index("long")] = at_angle(key_angles["long"], long_length)
     latest_weights["dot product"] = torch.softmax(moved_keys @ query, dim=0)
     latest_weights["RBF"] = rbf_weights(query, moved_keys, gamma)
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), width_ratios=[1, 1.3])
+    # A Figure of its own, not pyplot's current one: each redraw is drawn whole, then swapped in.
+    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    left, right = figure.subplots(1, 2, width_ratios=[1, 1.3])
     viz.plot_query_and_keys(query, dict(zip(key_names, moved_keys, strict=True)), ax=left,
                             title=f"Long key at length {long_length:.2f}")
     viz.plot_softmax_bars(key_names, latest_weights, ax=right, title="Attention weights")
-    plt.show()
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=80)
+    return png.getvalue()
 
 
 long_length_slider = widgets.FloatSlider(value=4.0, min=0.25, max=8.0, step=0.05,
                                          description="|k_long|", continuous_update=True)
-plot_output = widgets.interactive_output(draw_both, {"long_length": long_length_slider})
-display(widgets.VBox([long_length_slider, plot_output]))
+plot_image = widgets.Image(value=draw_both(long_length_slider.value), format="png")
+
+
+def redraw(change: dict) -> None:
+    plot_image.value = draw_both(change["new"])
+
+
+long_length_slider.observe(redraw, names="value")
+display(widgets.VBox([long_length_slider, plot_image]))
 
 # %% [markdown]
 # Moving the slider from code does what your hand does: the plot above redraws. Here we move it

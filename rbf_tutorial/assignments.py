@@ -215,10 +215,14 @@ def main(argv: list[str] | None = None, prog: str = "rbf-tutorial assignments") 
         return 2
     out_dir = args.out_dir.expanduser().resolve()
     for assignment in generated:
-        print(f"{assignment.chapter.name}: {os.path.relpath(assignment.student_notebook, out_dir)}, "
-              f"{os.path.relpath(assignment.instructor_notebook, out_dir)}")
-    print(f"Hand out {out_dir / 'student'}; collect and autograde from {out_dir / 'course'} "
-          "(see docs/instructors.md).")
+        print(
+            f"{assignment.chapter.name}: {os.path.relpath(assignment.student_notebook, out_dir)}, "
+            f"{os.path.relpath(assignment.instructor_notebook, out_dir)}"
+        )
+    print(
+        f"Hand out {out_dir / 'student'}; collect and autograde from {out_dir / 'course'} "
+        "(see docs/instructors.md)."
+    )
     return 0
 
 
