@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from lab_server import free_loopback_port, private_jupyter_environment
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHAPTER = REPO_ROOT / "chapters" / "00_setup_and_the_bully.py"
@@ -66,11 +66,6 @@ sync_api = pytest.importorskip(
 pytestmark = pytest.mark.slow
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def _lab_answers(url: str, token: str) -> bool:
     request = urllib.request.Request(url, headers={"Authorization": f"token {token}"})
@@ -93,20 +88,13 @@ def lab_server(tmp_path_factory):
     shutil.copy2(REPO_ROOT / "jupytext.toml", project / "jupytext.toml")
     shutil.copy2(CHAPTER, project / "chapters" / CHAPTER.name)
 
-    environment = dict(os.environ)
-    for variable, folder in (
-        ("JUPYTER_CONFIG_DIR", "config"),
-        ("JUPYTERLAB_SETTINGS_DIR", "user-settings"),
-        ("JUPYTERLAB_WORKSPACES_DIR", "workspaces"),
-        ("JUPYTER_RUNTIME_DIR", "runtime"),
-    ):
-        environment[variable] = str(home / folder)
+    environment = private_jupyter_environment(home)
     for relative_path, settings in USER_SETTINGS.items():
         settings_file = home / "user-settings" / relative_path
         settings_file.parent.mkdir(parents=True, exist_ok=True)
         settings_file.write_text(json.dumps(settings))
 
-    port, token = _free_loopback_port(), "rbf-tutorial-browser-test"
+    port, token = free_loopback_port(), "rbf-tutorial-browser-test"
     command = [
         str(script), "lab", "--dir", str(project / "chapters"), "--no-browser",
         "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from lab_server import free_loopback_port, private_jupyter_environment
 
 from rbf_tutorial import cli
 
@@ -268,11 +268,6 @@ def test_lab_keeps_an_existing_jupyter_config_path() -> None:
     assert environment["JUPYTER_CONFIG_PATH"].split(os.pathsep) == expected
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def _request_json(url: str, token: str, method: str = "GET", body: dict | None = None) -> dict | None:
     request = urllib.request.Request(
@@ -321,16 +316,9 @@ def test_jupyterlab_started_by_the_cli_opens_and_saves_chapters_cleanly(tmp_path
     chapters = project / "chapters"
     chapters.mkdir(parents=True)
     shutil.copy2(REPO_ROOT / "jupytext.toml", project / "jupytext.toml")
-    port, token = _free_loopback_port(), "rbf-tutorial-test"
+    port, token = free_loopback_port(), "rbf-tutorial-test"
     # Private Jupyter folders: the test neither reads nor writes the user's own settings.
-    environment = dict(os.environ)
-    for variable, folder in (
-        ("JUPYTER_CONFIG_DIR", "config"),
-        ("JUPYTERLAB_SETTINGS_DIR", "user-settings"),
-        ("JUPYTERLAB_WORKSPACES_DIR", "workspaces"),
-        ("JUPYTER_RUNTIME_DIR", "runtime"),
-    ):
-        environment[variable] = str(tmp_path / folder)
+    environment = private_jupyter_environment(tmp_path)
     command = [
         str(script), "lab", "--dir", str(chapters), "--no-browser",
         "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
