@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,16 @@ def _settled_plot(page, widget_box, quiet_ms: int = 1000) -> str:
 
 
 def test_chapter_00_runs_in_jupyterlab_with_plots_and_a_working_slider(lab_server, page) -> None:
+    # A browser driving a live server has timing a unit test lacks: one retry from a fresh page load
+    # keeps a slow first render from failing CI, while a real fault fails both attempts.
+    try:
+        _run_chapter_00_in_the_browser(lab_server, page)
+    except (AssertionError, sync_api.Error) as first_failure:
+        warnings.warn(f"browser test failed once, retrying from a fresh page: {first_failure}", stacklevel=1)
+        _run_chapter_00_in_the_browser(lab_server, page)
+
+
+def _run_chapter_00_in_the_browser(lab_server, page) -> None:
     base, token = lab_server
     started = time.monotonic()
     page.goto(f"{base}/lab/tree/chapters/{CHAPTER.name}?token={token}", wait_until="domcontentloaded")
@@ -204,7 +215,12 @@ def test_chapter_00_runs_in_jupyterlab_with_plots_and_a_working_slider(lab_serve
         raise AssertionError(
             f"{CHAPTER.name} did not open as a notebook (see build/screenshots/00_not_a_notebook.png)"
         ) from None
-    assert notebook.locator(".jp-CodeCell").count() >= 5, "the chapter opened without its code cells"
+    # The panel shows before its cells are filled in: wait for them rather than count too early.
+    code_cells = notebook.locator(".jp-CodeCell")
+    deadline = time.monotonic() + 30
+    while code_cells.count() < 5 and time.monotonic() < deadline:
+        page.wait_for_timeout(200)
+    assert code_cells.count() >= 5, f"the chapter opened with {code_cells.count()} code cells"
     page.screenshot(path=str(SCREENSHOTS_DIR / "00_opened.png"))
     _start_the_kernel(page)
 
