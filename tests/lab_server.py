@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 
@@ -25,3 +26,13 @@ def private_jupyter_environment(folder: Path) -> dict[str, str]:
     ):
         environment[variable] = str(folder / name)
     return environment
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Ask the server to stop; kill it if it has not within 20 s."""
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from lab_server import free_loopback_port, private_jupyter_environment
+from lab_server import stop as stop_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHAPTER = REPO_ROOT / "chapters" / "00_setup_and_the_bully.py"
@@ -115,12 +116,7 @@ def lab_server(tmp_path_factory):
             time.sleep(0.5)
         yield base, token
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
 
 
 @pytest.fixture(scope="module")

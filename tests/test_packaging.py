@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from lab_server import free_loopback_port, private_jupyter_environment
+from lab_server import stop as stop_server
 
 from rbf_tutorial import cli
 
@@ -359,12 +360,7 @@ def test_jupyterlab_started_by_the_cli_opens_and_saves_chapters_cleanly(tmp_path
             assert leaked not in saved, f"{leaked!r} was saved into the chapter:\n{saved}"
         _request_json(probe_url, token, "DELETE")
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
     # Deleting the probe leaves JupyterLab's (git-ignored) checkpoints folder; anything else is a leak.
     left_behind = sorted(
         path.relative_to(project).as_posix()
