@@ -16,6 +16,7 @@ tile of queries and walks over key tiles. Each output element is written by exac
 import triton
 import triton.language as tl
 
+from .exclusive import add_own_value_gradient
 from .tiles import load_tile, squared_norms, store_tile
 
 
@@ -96,18 +97,20 @@ def _dkdv_query_tiles(
 @triton.jit
 def dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
+    DV_OWN,                                # XSA: dL/du per query (B, H, Nq, Dv), read when EXCLUSIVE
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
+    stride_dub, stride_duh, stride_dun,
     n_heads, n_queries, n_keys, causal_offset,
     dot_scale,                             # 2 * scale * log2(e), as in the forward
     norm_scale,                            # scale * log2(e)
     grad_scale,                            # 2 * scale: turns sum_i dS_ij (q_i - k_j) into dk_j
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr, EXCLUSIVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -159,6 +162,9 @@ def dkdv_kernel(
         HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, True, CAUSAL, FP32_DOT, ACC_DTYPE)
 
     dk = grad_scale * (dk - ds_rowsum[:, None] * k.to(ACC_DTYPE))
+    if EXCLUSIVE:
+        dv = add_own_value_gradient(dv, DV_OWN + batch * stride_dub + head * stride_duh, key_rows,
+                                    stride_dun, n_queries, causal_offset, HEAD_DIM_V, BLOCK_DV)
     store_tile(DK + batch * stride_dkb + head * stride_dkh, dk.to(DK.dtype.element_ty), key_rows, dims,
                stride_dkn, n_keys, HEAD_DIM)
     store_tile(DV + batch * stride_dvb + head * stride_dvh, dv.to(DV.dtype.element_ty), key_rows, dims_v,

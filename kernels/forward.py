@@ -17,6 +17,7 @@ log-sum-exp is in base-2 units too.
 import triton
 import triton.language as tl
 
+from .exclusive import remove_own_value
 from .tiles import load_tile, squared_norms, store_tile
 
 
@@ -67,6 +68,7 @@ def _accumulate_key_tiles(
 @triton.jit
 def rbf_forward_kernel(
     Q, K, V, OUT, LSE,                     # q, k, v (B, H, N, D); OUT (B, H, Nq, Dv); LSE (B, H, Nq)
+    OWN_COEF,                              # (B, H, Nq): XSA's coefficient c_i, written when EXCLUSIVE
     stride_qb, stride_qh, stride_qn,       # strides in elements; the last dim of every tensor is unit-stride
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -75,8 +77,10 @@ def rbf_forward_kernel(
     causal_offset,                         # Nk - Nq: query i sees key j iff j <= i + causal_offset
     dot_scale,                             # 2 * scale * log2(e)
     norm_scale,                            # scale * log2(e)
+    value_eps,                             # XSA: own values with |u|^2 <= value_eps are left alone
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    EXCLUSIVE: tl.constexpr,               # apply exclusive self attention (kernels/exclusive.py)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -120,6 +124,13 @@ def rbf_forward_kernel(
         True, CAUSAL, FP32_DOT, ACC_DTYPE)
 
     out = acc / row_sum[:, None]
+    if EXCLUSIVE:
+        # Query i's own value is key row i + causal_offset; rows past the last query read nothing.
+        own_rows = tl.where(query_rows < n_queries, query_rows + causal_offset, n_keys)
+        out, own_coef = remove_own_value(out, V, own_rows, stride_vn, n_keys, value_eps,
+                                         HEAD_DIM_V, BLOCK_DV, ACC_DTYPE)
+        tl.store(OWN_COEF + batch_head.to(tl.int64) * n_queries + query_rows, own_coef,
+                 mask=query_rows < n_queries)
     store_tile(OUT, out.to(OUT.dtype.element_ty), query_rows, tl.arange(0, BLOCK_DV), stride_on,
                n_queries, HEAD_DIM_V)
     tl.store(LSE + query_rows, row_max + tl.math.log2(row_sum), mask=query_rows < n_queries)

@@ -21,6 +21,7 @@ from triton.runtime.errors import OutOfResources
 from rbf_tutorial.runtime import interpreting
 
 from .backward import delta_kernel, dkdv_kernel, dq_kernel
+from .exclusive import exclusive_preprocess_kernel
 from .forward import rbf_forward_kernel
 
 LOG2_E = math.log2(math.e)
@@ -40,6 +41,9 @@ DQ_TILES = [(64, 64, 4, 1), (128, 64, 4, 1), (64, 128, 8, 1), (128, 128, 8, 1), 
 SAFE_TILE = (32, 32, 4, 1)
 INTERPRETER_TILE = (16, 16, 1, 1)
 DELTA_BLOCK_M = 64
+# XSA leaves an output unchanged when its own value has |u|^2 <= this: fp32's sqrt(smallest normal),
+# the default of rbf_tutorial.xsa.exclusive in fp32 (a kernel float argument is fp32 even for fp64 data).
+XSA_VALUE_EPS = math.sqrt(torch.finfo(torch.float32).tiny)
 TUNE_KEY = ["n_queries", "n_keys", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "FP32_DOT"]
 
 
@@ -50,8 +54,21 @@ def _autotuned(kernel, tiles: tuple):
     return triton.autotune(configs=configs, key=TUNE_KEY)(kernel)
 
 
-def _launch(kernel, tiles, length: int, tile_of_length: str, programs: int, args, constexprs) -> None:
-    """Launch ``kernel`` over ``length`` rows split into tiles (``"BLOCK_M"`` or ``"BLOCK_N"``)."""
+# Tile shape the autotuner picked, per kernel and problem: (kernel, tiles, shape_key, constexprs) ->
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). After the first call of a problem, launches skip the
+# autotuner's per-call bookkeeping (it rebuilds dicts of all ~35 arguments to find its cache key:
+# tens of microseconds per launch, measured as much as the kernel itself at N=1024) and launch the
+# chosen tile directly. Both paths share one compiled-kernel cache, so nothing is compiled twice.
+_CHOSEN_TILES: dict[tuple, tuple[int, int, int, int]] = {}
+
+
+def _launch(kernel, tiles, length: int, tile_of_length: str, programs: int, args, constexprs,
+            shape_key: tuple) -> None:
+    """Launch ``kernel`` over ``length`` rows split into tiles (``"BLOCK_M"`` or ``"BLOCK_N"``).
+
+    ``shape_key`` (lengths and dtype) with the compile-time constants identifies a problem for the
+    tile choice, as the autotuner's own key does.
+    """
     fixed_tile = INTERPRETER_TILE if interpreting() else None
     if fixed_tile is None and os.environ.get("RBF_TUTORIAL_AUTOTUNE", "1") == "0":
         fixed_tile = tiles[0]
@@ -62,10 +79,20 @@ def _launch(kernel, tiles, length: int, tile_of_length: str, programs: int, args
             _launch_with_tile(kernel, SAFE_TILE, length, tile_of_length, programs, args, constexprs)
         return
 
+    constants = tuple((name, str(value)) for name, value in constexprs.items())
+    problem = (kernel, tuple(tiles), shape_key, constants)
+    chosen = _CHOSEN_TILES.get(problem)
+    if chosen is not None:
+        _launch_with_tile(kernel, chosen, length, tile_of_length, programs, args, constexprs)
+        return
+
     def grid(meta):
         return (triton.cdiv(length, meta[tile_of_length]), programs)
 
-    _autotuned(kernel, tuple(tiles))[grid](*args, **constexprs)
+    autotuner = _autotuned(kernel, tuple(tiles))
+    autotuner[grid](*args, **constexprs)
+    best = autotuner.best_config
+    _CHOSEN_TILES[problem] = (best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.num_warps, best.num_stages)
 
 
 def _launch_with_tile(kernel, tile, length, tile_of_length, programs, args, constexprs) -> None:
@@ -111,47 +138,77 @@ def _scales(scale: float) -> tuple[float, float, float]:
     return 2.0 * scale * LOG2_E, scale * LOG2_E, 2.0 * scale
 
 
-def flash_forward(q, k, v, causal: bool, scale: float):
-    """Run the forward kernel: (output in q's dtype, base-2 log-sum-exp per query, fp32 or fp64)."""
+def flash_forward(q, k, v, causal: bool, scale: float, exclusive: bool = False):
+    """Run the forward kernel: (output in q's dtype, base-2 log-sum-exp per query, XSA coefficients).
+
+    The log-sum-exp is fp32 (fp64 for fp64 inputs). With ``exclusive`` the output is XSA's ``z`` and
+    the third result holds each query's coefficient ``c_i`` (same dtype as the log-sum-exp), which
+    the backward pass needs; without it the third result is None.
+    """
     batch, heads, n_queries, _ = q.shape
     n_keys = k.shape[2]
+    if exclusive and n_keys < n_queries:
+        raise ValueError(f"k: exclusive self attention needs Nk >= Nq (query i's own value is key "
+                         f"i + Nk - Nq), got Nq={n_queries}, Nk={n_keys}")
     out_dtype = q.dtype
     compute = _compute_dtype(q.dtype)
     q, k, v = (_prepare(t, compute) for t in (q, k, v))
     out = torch.empty((batch, heads, n_queries, v.shape[-1]), device=q.device, dtype=compute)
     lse = torch.empty((batch, heads, n_queries), device=q.device, dtype=_accumulator_dtype(compute)[0])
+    own_coef = torch.empty_like(lse) if exclusive else None
     dot_scale, norm_scale, _ = _scales(scale)
-    args = (q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            heads, n_queries, n_keys, n_keys - n_queries, dot_scale, norm_scale)
+    args = (q, k, v, out, lse, lse if own_coef is None else own_coef,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            heads, n_queries, n_keys, n_keys - n_queries, dot_scale, norm_scale, XSA_VALUE_EPS)
     _launch(rbf_forward_kernel, FORWARD_TILES, n_queries, "BLOCK_M", batch * heads, args,
-            _constexprs(q, v, causal))
-    return out.to(out_dtype), lse
+            dict(_constexprs(q, v, causal), EXCLUSIVE=exclusive), (n_queries, n_keys, compute))
+    return out.to(out_dtype), lse, own_coef
 
 
-def flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float):
-    """Run the backward kernels: (dq, dk, dv), each in its input's dtype."""
+def flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float, own_coef=None):
+    """Run the backward kernels: (dq, dk, dv), each in its input's dtype.
+
+    ``own_coef`` (from :func:`flash_forward` with ``exclusive=True``) means ``out`` is XSA's ``z`` and
+    ``grad_out`` its gradient: the gradient is first taken back through XSA, then through attention.
+    """
     batch, heads, n_queries, _ = q.shape
     n_keys = k.shape[2]
     dtypes = (q.dtype, k.dtype, v.dtype)
     compute = _compute_dtype(q.dtype)
+    acc_dtype = _accumulator_dtype(compute)[1]
     q, k, v, out, grad_out = (_prepare(t, compute) for t in (q, k, v, out, grad_out))
+    exclusive = own_coef is not None
+    dims_v = v.shape[-1]
 
     delta = torch.empty_like(lse)
-    delta_grid = (triton.cdiv(n_queries, DELTA_BLOCK_M), batch * heads)
-    delta_kernel[delta_grid](out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads,
-                             n_queries, HEAD_DIM_V=v.shape[-1], BLOCK_M=DELTA_BLOCK_M,
-                             BLOCK_DV=_block_dim(v.shape[-1]),
-                             ACC_DTYPE=_accumulator_dtype(compute)[1])
+    preprocess_grid = (triton.cdiv(n_queries, DELTA_BLOCK_M), batch * heads)
+    if exclusive:
+        grad_y = torch.empty_like(out)
+        grad_own_value = torch.empty(out.shape, device=out.device, dtype=lse.dtype)
+        exclusive_preprocess_kernel[preprocess_grid](
+            out, grad_out, v, own_coef, grad_y, delta, grad_own_value,
+            *out.stride()[:3], *grad_out.stride()[:3], *v.stride()[:3], *grad_y.stride()[:3],
+            *grad_own_value.stride()[:3], heads, n_queries, n_keys, n_keys - n_queries, XSA_VALUE_EPS,
+            HEAD_DIM_V=dims_v, BLOCK_M=DELTA_BLOCK_M, BLOCK_DV=_block_dim(dims_v), ACC_DTYPE=acc_dtype)
+        # From here on the attention backward is the plain one, driven by dL/dy instead of dL/dz.
+        grad_out = grad_y
+    else:
+        grad_own_value = delta  # never read: a placeholder pointer with zero strides below
+        delta_kernel[preprocess_grid](out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3],
+                                      heads, n_queries, HEAD_DIM_V=dims_v, BLOCK_M=DELTA_BLOCK_M,
+                                      BLOCK_DV=_block_dim(dims_v), ACC_DTYPE=acc_dtype)
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dot_scale, norm_scale, grad_scale = _scales(scale)
     constexprs = _constexprs(q, v, causal)
     input_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     sizes_and_scales = (heads, n_queries, n_keys, n_keys - n_queries, dot_scale, norm_scale, grad_scale)
+    own_strides = grad_own_value.stride()[:3] if exclusive else (0, 0, 0)
     _launch(dkdv_kernel, DKDV_TILES, n_keys, "BLOCK_N", batch * heads,
-            (q, k, v, grad_out, lse, delta, dk, dv, *input_strides, *dk.stride()[:3], *dv.stride()[:3],
-             *sizes_and_scales), constexprs)
+            (q, k, v, grad_out, lse, delta, dk, dv, grad_own_value, *input_strides, *dk.stride()[:3],
+             *dv.stride()[:3], *own_strides, *sizes_and_scales),
+            dict(constexprs, EXCLUSIVE=exclusive), (n_queries, n_keys, compute))
     _launch(dq_kernel, DQ_TILES, n_queries, "BLOCK_M", batch * heads,
             (q, k, v, grad_out, lse, delta, dq, *input_strides, *dq.stride()[:3], *sizes_and_scales),
-            constexprs)
+            constexprs, (n_queries, n_keys, compute))
     return tuple(g.to(dtype) for g, dtype in zip((dq, dk, dv), dtypes, strict=True))

@@ -15,48 +15,54 @@ import math
 
 import torch
 
+from rbf_tutorial.runtime import interpreting
+
 from .launch import MAX_HEAD_DIM, flash_backward, flash_forward
 
 
 @torch.library.custom_op("rbf_tutorial::flash_forward", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return flash_forward(q, k, v, causal, scale)
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                exclusive: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, lse, own_coef = flash_forward(q, k, v, causal, scale, exclusive)
+    # An operator returns tensors only: "no XSA coefficients" travels as an empty tensor.
+    return out, lse, own_coef if exclusive else lse.new_empty(0)
 
 
 @_forward_op.register_fake
-def _(q, k, v, causal, scale):
+def _(q, k, v, causal, scale, exclusive):
     batch, heads, n_queries, _ = q.shape
     out = q.new_empty((batch, heads, n_queries, v.shape[-1]))
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = q.new_empty((batch, heads, n_queries), dtype=lse_dtype)
-    return out, lse
+    own_coef = torch.empty_like(lse) if exclusive else lse.new_empty(0)
+    return out, lse, own_coef
 
 
 @torch.library.custom_op("rbf_tutorial::flash_backward", mutates_args=())
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 out: torch.Tensor, lse: torch.Tensor, causal: bool,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return flash_backward(grad_out, q, k, v, out, lse, causal, scale)
+                 out: torch.Tensor, lse: torch.Tensor, own_coef: torch.Tensor, causal: bool,
+                 scale: float, exclusive: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return flash_backward(grad_out, q, k, v, out, lse, causal, scale, own_coef if exclusive else None)
 
 
 @_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, causal, scale):
+def _(grad_out, q, k, v, out, lse, own_coef, causal, scale, exclusive):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal, ctx.scale = causal, scale
-    ctx.mark_non_differentiable(lse)
+    q, k, v, causal, scale, exclusive = inputs
+    out, lse, own_coef = output
+    ctx.save_for_backward(q, k, v, out, lse, own_coef)
+    ctx.causal, ctx.scale, ctx.exclusive = causal, scale, exclusive
+    ctx.mark_non_differentiable(lse, own_coef)
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+def _backward(ctx, grad_out, _grad_lse, _grad_own_coef):
+    q, k, v, out, lse, own_coef = ctx.saved_tensors
+    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, own_coef, ctx.causal, ctx.scale,
+                              ctx.exclusive)
+    return dq, dk, dv, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -66,35 +72,44 @@ class _FlashAttentionFunction(torch.autograd.Function):
     """The eager route: the same kernels as the custom op, with far less dispatch overhead."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
-        out, lse = flash_forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, causal, scale, exclusive):
+        out, lse, own_coef = flash_forward(q, k, v, causal, scale, exclusive)
+        ctx.save_for_backward(q, k, v, out, lse, own_coef)
         ctx.causal, ctx.scale = causal, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = flash_backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+        q, k, v, out, lse, own_coef = ctx.saved_tensors
+        dq, dk, dv = flash_backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, own_coef)
+        return dq, dk, dv, None, None, None
 
 
 def rbf_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                        scale: float | None = None) -> torch.Tensor:
+                        scale: float | None = None, exclusive: bool = False) -> torch.Tensor:
     """Fused RBF attention: softmax(-scale |q_i - k_j|^2) v, never materialising the Nq x Nk matrix.
 
     q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) -> (B, H, Nq, Dv) in q's dtype. ``causal`` is
     bottom-right aligned (query i sees key j iff j <= i + Nk - Nq). ``scale`` defaults to 1/sqrt(D).
+    ``exclusive`` applies exclusive self attention in the kernel's epilogue: each output loses its
+    component along its own value ``v[i + Nk - Nq]`` (needs Nk >= Nq; see kernels/exclusive.py).
     Inputs are validated by :func:`rbf_tutorial.rbf_attention`; this entry point checks only what the
     kernel itself needs.
     """
     head_dim = q.shape[-1]
+    if not interpreting() and not all(t.is_cuda for t in (q, k, v)):
+        devices = ", ".join(f"{name} on {t.device}" for name, t in zip("qkv", (q, k, v), strict=True))
+        raise ValueError(f"q/k/v: the compiled Triton kernel runs on CUDA tensors, got {devices}; move "
+                         "them to the GPU, or use a pure-torch backend: rbf_attention(..., backend='matmul')")
     if head_dim > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"q/v: the fused kernel supports head dims up to {MAX_HEAD_DIM}, "
                          f"got D={head_dim}, Dv={v.shape[-1]}")
+    if exclusive and k.shape[-2] < q.shape[-2]:
+        raise ValueError(f"k: exclusive self attention needs at least as many keys as queries (query i's "
+                         f"own value is key i + Nk - Nq), got Nq={q.shape[-2]}, Nk={k.shape[-2]}")
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     if torch.compiler.is_compiling():
-        out, _ = _forward_op(q, k, v, bool(causal), float(scale))
+        out, _, _ = _forward_op(q, k, v, bool(causal), float(scale), bool(exclusive))
         return out
-    return _FlashAttentionFunction.apply(q, k, v, bool(causal), float(scale))
+    return _FlashAttentionFunction.apply(q, k, v, bool(causal), float(scale), bool(exclusive))

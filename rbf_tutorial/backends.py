@@ -332,12 +332,19 @@ def flex_attention(
 
 
 def triton_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    exclusive: bool = False,
 ) -> torch.Tensor:
     """The fused Triton kernel, :func:`rbf_tutorial.kernels.rbf_flash_attention`.
 
     Imported on first use, so the pure-torch routes work where triton is missing. With no GPU
-    the kernel runs through Triton's interpreter (slow; keep inputs small).
+    the kernel runs through Triton's interpreter (slow; keep inputs small). ``exclusive`` turns on
+    the kernel's exclusive-self-attention epilogue (see :func:`rbf_tutorial.xsa.exclusive_attention`).
     """
     try:
         from rbf_tutorial.kernels import rbf_flash_attention
@@ -347,7 +354,7 @@ def triton_attention(
             f"({err}); is triton installed? The pure-torch backends ('matmul', 'sdpa', 'flex') "
             "need no triton."
         ) from err
-    return rbf_flash_attention(q, k, v, causal=causal, scale=scale)
+    return rbf_flash_attention(q, k, v, causal=causal, scale=scale, exclusive=exclusive)
 
 
 ROUTES: dict[str, Callable[..., torch.Tensor]] = {

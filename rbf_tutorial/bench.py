@@ -15,7 +15,8 @@ the same random inputs and is measured for:
 - relative error ``|out - ref| / |ref|`` of the forward output against a float32 reference.
 
 Method names (``--methods``): see :data:`METHODS`. The table is printed last; a JSON file with
-every number and PNG plots go to ``--out``.
+every number and PNG plots go to ``--out``. ``--methods rbf-triton,rbf-triton-xsa,rbf-triton-xsa-unfused``
+measures what exclusive self attention costs: fused into the kernel's epilogue, or applied after it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "FLASH",
     "METHODS",
     "MODES",
+    "DEFAULT_METHODS",
     "BenchConfig",
     "Cell",
     "Method",
@@ -57,6 +59,7 @@ __all__ = [
     "check_targets",
     "chunked_reference",
     "format_target_checks",
+    "format_xsa_overhead",
     "format_tables",
     "grid",
     "main",
@@ -203,6 +206,7 @@ class Method:
     load: Callable[[], AttentionFn]
     context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
     raising_means_unavailable: bool = False
+    in_default_run: bool = True  # False: only when named in --methods
 
 
 def _load_triton_kernel() -> AttentionFn:
@@ -211,6 +215,24 @@ def _load_triton_kernel() -> AttentionFn:
     except ImportError as error:
         raise MethodUnavailable(f"rbf_tutorial.kernels.rbf_flash_attention: {error}") from None
     return lambda q, k, v, causal: rbf_flash_attention(q, k, v, causal=causal)
+
+
+def _triton_xsa_loader(fused: bool) -> Callable[[], AttentionFn]:
+    """The kernel with exclusive self attention: in its epilogue, or as separate torch ops after it."""
+
+    def load() -> AttentionFn:
+        try:
+            from rbf_tutorial.kernels import rbf_flash_attention
+            from rbf_tutorial.xsa import exclusive, own_values
+        except ImportError as error:
+            raise MethodUnavailable(f"rbf_tutorial.kernels / rbf_tutorial.xsa: {error}") from None
+        if fused:
+            return lambda q, k, v, causal: rbf_flash_attention(q, k, v, causal=causal, exclusive=True)
+        return lambda q, k, v, causal: exclusive(
+            rbf_flash_attention(q, k, v, causal=causal), own_values(v, q.shape[-2])
+        )
+
+    return load
 
 
 def _rbf_backend_loader(backend: str) -> Callable[[], AttentionFn]:
@@ -267,9 +289,15 @@ METHODS: dict[str, Method] = {
             "dot-sdpa-cudnn", "dot-cudnn", "dot", _load_dot_sdpa, _sdpa_backend("CUDNN_ATTENTION"),
             raising_means_unavailable=True,
         ),
+        Method("rbf-triton-xsa", "triton-xsa", "rbf-xsa", _triton_xsa_loader(fused=True),
+               in_default_run=False),
+        Method("rbf-triton-xsa-unfused", "xsa-unfused", "rbf-xsa", _triton_xsa_loader(fused=False),
+               in_default_run=False),
     )
 }
 """Every method the benchmark knows, in table order."""
+
+DEFAULT_METHODS: tuple[str, ...] = tuple(name for name, method in METHODS.items() if method.in_default_run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +323,9 @@ def rbf_attention_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
 
 #: family -> function computing that family's attention in the inputs' (float32) dtype.
 REFERENCES: dict[str, AttentionFn] = {"rbf": rbf_attention_fp32, "dot": dot_attention_fp32}
+#: families whose reference is another family's, then exclusive self attention (XSA needs each query's
+#: own value, which a chunk of queries with a trimmed key range cannot index, so it runs afterwards).
+EXCLUSIVE_OF: dict[str, str] = {"rbf-xsa": "rbf"}
 
 
 @contextlib.contextmanager
@@ -609,13 +640,21 @@ def _references(
     tensors: dict[str, torch.Tensor], causal: bool, families: set[str], log: Callable[[str], None]
 ) -> dict[str, torch.Tensor]:
     references = {}
-    for family in sorted(families):
+    base_families = {EXCLUSIVE_OF.get(family, family) for family in families}
+    for family in sorted(base_families):
         try:
             references[family] = chunked_reference(
                 REFERENCES[family], tensors["q"], tensors["k"], tensors["v"], causal
             )
         except Exception as error:  # the timings are still worth having
             log(f"{family} reference failed, no errors reported: {_first_line(error)}")
+    for family in families & EXCLUSIVE_OF.keys():
+        base = references.get(EXCLUSIVE_OF[family])
+        if base is not None:
+            from .xsa import exclusive, own_values
+
+            own = own_values(tensors["v"].detach().float(), base.shape[-2])
+            references[family] = exclusive(base, own)
     return references
 
 
@@ -798,6 +837,34 @@ def format_tables(results: Sequence[Result], methods: Sequence[str] | None = Non
         legend += f"\nbatch {first.batch}, heads x D = {first.heads * first.head_dim}"
     tables = [_wide_table(title, results, methods, entry, per_mode) for title, entry, per_mode in _TABLES]
     return "\n\n".join([legend, *tables])
+
+
+def format_xsa_overhead(results: Sequence[Result], *, plain: str = "rbf-triton") -> str:
+    """Time of the kernel with XSA (fused, and unfused when measured) over the plain kernel, per cell.
+
+    Empty when the run measured no XSA method next to ``plain``.
+    """
+    by_cell: dict[Cell, dict[str, Result]] = {}
+    for r in results:
+        by_cell.setdefault(r.cell, {})[r.method] = r
+    columns = [name for name in ("rbf-triton-xsa", "rbf-triton-xsa-unfused")
+               if any(name in methods for methods in by_cell.values())]
+    if not columns:
+        return ""
+    labels = " | ".join(f"{_label(c):>12}" for c in columns)
+    header = f"{'D':>4} {'N':>6} {'causal':>7} {'mode':>8} | {labels}"
+    lines = ["XSA cost: time with exclusive self attention / time of the plain kernel (same cell)", header]
+    for cell, methods in by_cell.items():
+        base = methods.get(plain)
+        if base is None or not base.ok:
+            continue
+        entries = []
+        for name in columns:
+            r = methods.get(name)
+            entries.append(f"{r.ms / base.ms:>11.2f}x" if r is not None and r.ok else f"{'n/a':>12}")
+        lines.append(f"{cell.head_dim:>4} {cell.seq_len:>6} {'yes' if cell.causal else 'no':>7} "
+                     f"{cell.mode:>8} | " + " | ".join(entries))
+    return "\n".join(lines)
 
 
 def _json_number(value: Any) -> Any:
@@ -992,9 +1059,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "shorter timing windows (explicit --d, --n, --warmup, --rep still win)",
     )
     parser.add_argument(
-        "--methods", type=_choice_list(tuple(METHODS)), default=tuple(METHODS),
-        help=f"comma-separated subset of: {', '.join(METHODS)} (default: all; {FLASH} is always added, "
-        "since every ratio divides by its time)",
+        "--methods", type=_choice_list(tuple(METHODS)), default=DEFAULT_METHODS,
+        help=f"comma-separated subset of: {', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)}; "
+        f"{FLASH} is always added, since every ratio divides by its time)",
     )
     parser.add_argument("--d", type=_int_list, default=None, help="head dims, comma-separated "
                         f"(default {','.join(map(str, DEFAULT_HEAD_DIMS))})")
@@ -1098,6 +1165,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     print(f"\n{device_name}, {seconds:.0f} s; wrote {', '.join(str(p) for p in written)}")
     if targets is not None:
         print("\n" + format_target_checks(targets))
+    overhead = format_xsa_overhead(results)
+    if overhead:
+        print("\n" + overhead)
     print("\n" + tables)
     return 0
 

@@ -18,7 +18,15 @@ import numbers
 
 import torch
 
-__all__ = ["exclusive", "similarity"]
+from . import backends
+from .attention import resolve_backend, validate_inputs
+
+__all__ = ["exclusive", "exclusive_attention", "own_values", "similarity"]
+
+# The fused kernel leaves outputs whose own value has |v|^2 at or below this unchanged (fp32's
+# square root of the smallest normal number); the unfused route uses the same threshold, so both
+# routes agree even for vanishing values.
+FUSED_VALUE_EPS = math.sqrt(torch.finfo(torch.float32).tiny)
 
 
 def _check_pair(y: object, v: object) -> None:
@@ -98,3 +106,47 @@ def similarity(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     cosine = torch.where(has_angle, along / safe_norms, torch.zeros_like(along))
     # Rounding can push |cos| a hair past 1.
     return cosine.clamp(-1.0, 1.0).to(y.dtype)
+
+
+def own_values(v: torch.Tensor, n_queries: int) -> torch.Tensor:
+    """Each query's own value: ``v[..., i + Nk - Nq, :]`` for query ``i``, shape ``(B, H, Nq, Dv)``.
+
+    The bottom-right alignment of the causal mask: the last ``Nq`` keys belong to the queries, one
+    each, and any keys in front of them (register tokens) belong to nobody.
+    """
+    n_keys = v.shape[-2]
+    if n_keys < n_queries:
+        raise ValueError(
+            f"k: exclusive self attention needs at least as many keys as queries (query i's own "
+            f"value is key i + Nk - Nq), got Nq={n_queries}, Nk={n_keys}"
+        )
+    return v[..., n_keys - n_queries :, :]
+
+
+def exclusive_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """RBF attention with exclusive self attention: each output minus its part along its own value.
+
+    ``z_i = y_i - (y_i . u_i / |u_i|^2) u_i`` with ``y = rbf_attention(q, k, v)`` and ``u_i`` query
+    ``i``'s own value (:func:`own_values`: key ``i + Nk - Nq``, so registers prepended in front of
+    the keys are never anyone's own). Arguments as :func:`rbf_tutorial.rbf_attention`; needs
+    ``Nk >= Nq``. The ``"triton"`` backend (which ``"auto"`` picks on a GPU) does the projection in
+    the kernel's epilogue, forward and backward; every other backend runs attention, then
+    :func:`exclusive`.
+    """
+    validate_inputs(q, k, v, causal=causal, scale=scale, backend=backend)
+    own = own_values(v, q.shape[-2])
+    if scale is None:
+        scale = backends.default_scale(q.shape[-1])
+    route = resolve_backend(backend, q, v)
+    if route == "triton":
+        return backends.triton_attention(q, k, v, causal=causal, scale=float(scale), exclusive=True)
+    y = backends.ROUTES[route](q, k, v, causal=causal, scale=float(scale)).to(q.dtype)
+    return exclusive(y, own, eps=FUSED_VALUE_EPS)

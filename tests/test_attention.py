@@ -9,7 +9,6 @@ shows up as an error of order one, far above every tolerance below.
 from __future__ import annotations
 
 import functools
-import importlib
 import itertools
 import math
 import sys
@@ -19,6 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernel_device import kernel_on_cpu_tensors
 
 import rbf_tutorial
 from rbf_tutorial import BACKENDS, rbf_attention
@@ -44,17 +44,9 @@ TOLERANCES = {
 }
 
 
-def _kernel_available() -> bool:
-    try:
-        module = importlib.import_module("rbf_tutorial.kernels")
-    except ImportError:
-        return False
-    return hasattr(module, "rbf_flash_attention")
 
 
-needs_kernel = pytest.mark.skipif(
-    not _kernel_available(), reason="rbf_tutorial.kernels.rbf_flash_attention is not written yet"
-)
+needs_kernel = kernel_on_cpu_tensors
 
 # Every route, by name. The SDPA route functions are called directly so that both run on the CPU
 # (backend="sdpa" picks the bias route there).

@@ -61,7 +61,7 @@ def test_default_plan_is_the_full_grid():
     assert {c.seq_len for c in plan.cells} == {1024, 4096, 16384}
     assert {c.causal for c in plan.cells} == {False, True}
     assert {c.mode for c in plan.cells} == {"fwd", "fwd+bwd"}
-    assert plan.methods == tuple(bench.METHODS)
+    assert plan.methods == bench.DEFAULT_METHODS
     assert (plan.config.warmup_ms, plan.config.rep_ms) == (25.0, 100.0)
     assert plan.config.dtype == torch.bfloat16 and plan.config.batch == 4
     assert plan.config.heads(64) == 16 and plan.config.heads(128) == 8
@@ -205,11 +205,12 @@ def _synthetic_results(head_dims=(64, 128), seq_lens=(1024, 4096, 16384)) -> lis
 
 def test_tables_show_every_measure_and_fit_the_budget():
     results = _synthetic_results()
-    text = bench.format_tables(results, list(bench.METHODS))
-    assert len(text) <= 12_000, len(text)
+    text = bench.format_tables(results, list(bench.DEFAULT_METHODS))
+    assert len(text) <= 12_000, len(text)  # the device returns the last 12,000 characters of output
     for title in ("Time", "TFLOP/s", "Peak memory", "Relative error"):
         assert title in text
-    for method in bench.METHODS.values():
+    for name in bench.DEFAULT_METHODS:
+        method = bench.METHODS[name]
         assert method.label in text and method.name in text  # column header and legend
     assert "0.90x" in text and "1.60x" in text and "OOM" in text and "n/a" in text
     lines = text.splitlines()
@@ -330,3 +331,17 @@ def test_main_wiring_prints_the_table_last(monkeypatch, tmp_path, capsys):
     assert [t["met"] for t in saved["targets"]] == [None, True, True, True, True]  # no N >= 4096 cell
     assert saved["metadata"]["command"].startswith("python -m rbf_tutorial.bench --quick")
     assert (tmp_path / "table.txt").read_text().strip() in out
+
+
+def test_xsa_overhead_divides_by_the_plain_kernel_in_the_same_cell():
+    results = [r for r in _synthetic_results() if r.method == "rbf-triton"]
+    extra = []
+    for r in results:
+        for name, factor in (("rbf-triton-xsa", 1.02), ("rbf-triton-xsa-unfused", 1.5)):
+            extra.append(bench.Result(r.head_dim, r.seq_len, r.causal, r.mode, name, status="ok",
+                                      ms=r.ms * factor))
+    text = bench.format_xsa_overhead(results + extra)
+    rows = [line for line in text.splitlines() if line[:4].strip().isdigit()]
+    assert len(rows) == len(results)
+    assert all(" ".join(row.split("|")[1:]).split() == ["1.02x", "1.50x"] for row in rows)
+    assert bench.format_xsa_overhead(results) == ""

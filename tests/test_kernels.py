@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+from kernel_device import KERNEL_DEVICE
 
 from rbf_tutorial.kernels import rbf_flash_attention
 from rbf_tutorial.reference import rbf_attention_reference
@@ -46,9 +47,10 @@ def make_inputs(case: dict, dtype: torch.dtype, seed: int):
 
     def draw(n: int, dim: int, spread: float) -> torch.Tensor:
         if case["transposed_layout"]:
-            x = torch.randn(b, n, h, dim, generator=generator).mul(spread).to(dtype).transpose(1, 2)
+            x = torch.randn(b, n, h, dim, generator=generator).mul(spread)
+            x = x.to(KERNEL_DEVICE, dtype).transpose(1, 2)
         else:
-            x = torch.randn(b, h, n, dim, generator=generator).mul(spread).to(dtype)
+            x = torch.randn(b, h, n, dim, generator=generator).mul(spread).to(KERNEL_DEVICE, dtype)
         return x.requires_grad_()
 
     # Keys spread wider than queries so that key norms matter to the weights.
@@ -59,12 +61,13 @@ def check_against_reference(case: dict, dtype: torch.dtype, seed: int) -> None:
     q, k, v = make_inputs(case, dtype, seed)
     out = rbf_flash_attention(q, k, v, causal=case["causal"], scale=case["scale"])
     assert out.dtype == dtype and out.shape == (*q.shape[:3], v.shape[-1])
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1))
+    grad_out = grad_out.to(KERNEL_DEVICE, dtype)
     out.backward(grad_out)
 
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
     expected = rbf_attention_reference(q64, k64, v64, causal=case["causal"], scale=case["scale"])
-    expected.backward(grad_out.double())
+    expected.backward(grad_out.cpu().double())
 
     budget = TOLERANCE[dtype]
     errors = {name: relative_error(a, e) for name, a, e in
@@ -98,8 +101,8 @@ def test_causal_tile_edges(n_queries, n_keys):
 
 def test_gradcheck_float64():
     generator = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(1, 1, n, 16, generator=generator, dtype=torch.float64).requires_grad_()
-               for n in (5, 9, 9))
+    q, k, v = (torch.randn(1, 1, n, 16, generator=generator, dtype=torch.float64).to(KERNEL_DEVICE)
+               .requires_grad_() for n in (5, 9, 9))
     assert torch.autograd.gradcheck(lambda q, k, v: rbf_flash_attention(q, k, v, causal=True), (q, k, v))
 
 
@@ -115,7 +118,7 @@ def test_deterministic():
 
 
 def test_head_dim_limit_is_reported():
-    q = torch.randn(1, 1, 4, 300)
+    q = torch.randn(1, 1, 4, 300, device=KERNEL_DEVICE)
     with pytest.raises(ValueError, match="head dims up to 256"):
         rbf_flash_attention(q, q, q)
 
@@ -125,8 +128,10 @@ def test_custom_op_registration():
     from rbf_tutorial.kernels.op import _forward_op
 
     generator = torch.Generator().manual_seed(11)
-    q, k, v = (torch.randn(1, 2, n, 16, generator=generator).requires_grad_() for n in (7, 19, 19))
-    torch.library.opcheck(_forward_op, (q, k, v, True, 0.3))
-    out, _ = _forward_op(q, k, v, True, 0.3)
-    eager = rbf_flash_attention(q, k, v, causal=True, scale=0.3)
-    assert torch.equal(out, eager)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=generator).to(KERNEL_DEVICE).requires_grad_()
+               for n in (7, 19, 19))
+    for exclusive in (False, True):
+        torch.library.opcheck(_forward_op, (q, k, v, True, 0.3, exclusive))
+        out, _, _ = _forward_op(q, k, v, True, 0.3, exclusive)
+        eager = rbf_flash_attention(q, k, v, causal=True, scale=0.3, exclusive=exclusive)
+        assert torch.equal(out, eager)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from kernel_device import kernel_on_cpu_tensors
 
 from rbf_tutorial import rbf_attention
 from rbf_tutorial.reference import rbf_attention_reference
@@ -16,16 +17,7 @@ from rbf_tutorial.registers import (
     register_weights,
 )
 
-
-def _kernel_available() -> bool:
-    try:
-        from rbf_tutorial.kernels import rbf_flash_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_kernel = pytest.mark.skipif(not _kernel_available(), reason="rbf_tutorial.kernels is not importable")
+needs_kernel = kernel_on_cpu_tensors
 
 
 def hand_register_mass(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rbf_tutorial import rbf_attention
+from rbf_tutorial import rbf_attention, xsa
 from rbf_tutorial.kernels import rbf_flash_attention
 from rbf_tutorial.kernels.launch import DKDV_TILES, DQ_TILES, FORWARD_TILES
 
@@ -66,6 +66,15 @@ def test_other_dtypes_against_float64(case, dtype, fixed_tiles):
     check_against_float64(case, dtype)
 
 
+XSA_CASES = [c for c in CASES if c[3] >= c[2]]  # exclusive self attention needs Nk >= Nq
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", XSA_CASES[:5], ids=lambda c: "x".join(map(str, c)))
+def test_exclusive_epilogue_against_float64(case, dtype, fixed_tiles):
+    check_against_float64(case, dtype, exclusive=True)
+
+
 @pytest.mark.parametrize("tile_index", range(len(FORWARD_TILES)))
 def test_every_tile_shape(tile_index, monkeypatch):
     """Autotuning may pick any tile shape, so each must be right: pin each in turn (ragged, causal)."""
@@ -76,9 +85,12 @@ def test_every_tile_shape(tile_index, monkeypatch):
     monkeypatch.setenv("RBF_TUTORIAL_AUTOTUNE", "0")
     check_against_float64((2, 2, 700, 1100, 64, 64, True, None), torch.bfloat16)
     check_against_float64((1, 2, 300, 300, 128, 128, False, None), torch.bfloat16)
+    check_against_float64((1, 2, 300, 333, 64, 64, True, None), torch.bfloat16, exclusive=True)
 
 
-def check_against_float64(case, dtype):
+def check_against_float64(case, dtype, exclusive=False):
+    """Kernel output and gradients vs float64; with ``exclusive``, XSA in the kernel's epilogue against
+    attention followed by :func:`rbf_tutorial.xsa.exclusive` (float64, and the matmul baseline)."""
     batch, heads, n_queries, n_keys, head_dim, value_dim, causal, scale = case
     generator = torch.Generator(device="cuda").manual_seed(hash(case) % 2**31)
 
@@ -95,12 +107,18 @@ def check_against_float64(case, dtype):
         out.backward(cast(grad_out))
         return [out] + [t.grad for t in leaves]
 
-    expected = outputs_and_grads(lambda q, k, v: reference_on_gpu(q, k, v, causal, scale),
+    def then_exclusive(attend):
+        if not exclusive:
+            return attend
+        return lambda q, k, v: xsa.exclusive(attend(q, k, v), xsa.own_values(v, q.shape[-2]))
+
+    expected = outputs_and_grads(then_exclusive(lambda q, k, v: reference_on_gpu(q, k, v, causal, scale)),
                                  torch.Tensor.double)
-    kernel = outputs_and_grads(lambda q, k, v: rbf_flash_attention(q, k, v, causal=causal, scale=scale),
-                               lambda t: t)
-    baseline = outputs_and_grads(
-        lambda q, k, v: rbf_attention(q, k, v, causal=causal, scale=scale, backend="matmul"), lambda t: t)
+    kernel = outputs_and_grads(
+        lambda q, k, v: rbf_flash_attention(q, k, v, causal=causal, scale=scale, exclusive=exclusive),
+        lambda t: t)
+    baseline = outputs_and_grads(then_exclusive(
+        lambda q, k, v: rbf_attention(q, k, v, causal=causal, scale=scale, backend="matmul")), lambda t: t)
     for name, actual, plain, exact in zip(("out", "dq", "dk", "dv"), kernel, baseline, expected, strict=True):
         assert actual.dtype == dtype and actual.shape == exact.shape, name
         assert torch.isfinite(actual).all(), f"{name} has non-finite values"
@@ -134,22 +152,24 @@ def test_deterministic_backward():
 
 
 class TinyAttentionBlock(torch.nn.Module):
-    def __init__(self, dim=128, heads=2):
+    def __init__(self, dim=128, heads=2, exclusive=False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.exclusive = heads, exclusive
         self.qkv = torch.nn.Linear(dim, 3 * dim)
         self.proj = torch.nn.Linear(dim, dim)
 
     def forward(self, x):
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        y = rbf_attention(q, k, v, causal=True, backend="triton")
+        attend = xsa.exclusive_attention if self.exclusive else rbf_attention
+        y = attend(q, k, v, causal=True, backend="triton")
         return self.proj(y.transpose(1, 2).reshape(batch, length, dim))
 
 
-def test_torch_compile_without_graph_breaks():
+@pytest.mark.parametrize("exclusive", [False, True], ids=["plain", "xsa"])
+def test_torch_compile_without_graph_breaks(exclusive):
     torch._dynamo.reset()
-    model = TinyAttentionBlock().cuda()
+    model = TinyAttentionBlock(exclusive=exclusive).cuda()
     x = torch.randn(2, 200, 128, device="cuda")
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break is an error
@@ -157,3 +177,9 @@ def test_torch_compile_without_graph_breaks():
     out.sum().backward()
     assert torch.allclose(out, eager, atol=1e-4, rtol=1e-4)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_cpu_tensors_are_refused_with_a_message():
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="^q/k/v: the compiled Triton kernel runs on CUDA tensors"):
+        rbf_flash_attention(q, q, q)
