@@ -4,6 +4,8 @@
     rbf-tutorial lab             JupyterLab on chapters/, chapter .py files open as notebooks
     rbf-tutorial bench [...]     the benchmark; every argument after `bench` goes to it
     rbf-tutorial assignments OUT_DIR [--chapters 00,01]   nbgrader student and instructor notebooks
+    rbf-tutorial train --preset smoke [...]   train a small GPT; every argument after `train` goes to it
+    rbf-tutorial compare RUN_DIR... [--out DIR]   loss curves and a results table of training runs
 
 ``python -m rbf_tutorial`` is the same command.
 """
@@ -34,6 +36,11 @@ FORWARDED_COMMANDS: dict[str, tuple[str, str]] = {
         "rbf_tutorial.assignments",
         "student (stubs) and instructor notebooks of the chapters, built with nbgrader",
     ),
+    "train": (
+        "rbf_tutorial.train",
+        "train a small GPT with dot or RBF attention (arguments go to rbf_tutorial.train)",
+    ),
+    "compare": ("rbf_tutorial.compare", "validation loss curves and a results table of training runs"),
 }
 
 # Folder shipped inside the package; `lab` puts it on JUPYTER_CONFIG_PATH. Its

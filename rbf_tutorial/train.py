@@ -1,0 +1,949 @@
+"""Train the byte-level GPT of :mod:`rbf_tutorial.model` and record what a comparison of variants needs.
+
+    rbf-tutorial train --preset smoke                           a CPU run of under a minute
+    rbf-tutorial train --preset gpu10 --variant rbf-susie-reg   about a minute on one H100
+    torchrun --nproc_per_node 4 -m rbf_tutorial.train --preset gpu10 --variant dot-rope
+    rbf-tutorial train --out runs/gpu10-dot-rope --resume       continue a stopped run exactly
+
+A run folder holds ``config.json``, ``metrics.jsonl`` (one row per logged step), ``loss.png``,
+``checkpoint.pt`` (the latest, written atomically) and ``summary.json``. Ctrl-C saves a checkpoint
+before the run stops; ``--resume`` then continues with the very losses an unstopped run would
+have seen: batches are a pure function of (seed, step) (:func:`rbf_tutorial.data.batch_at`), and
+the checkpoint holds the model, the optimiser, the schedule and the random-number generators.
+
+The recipe, kept plain on purpose: AdamW with betas (0.9, 0.95); weight decay on the matrices of
+linear layers only (embeddings, norms, biases, registers and positional scales are not decayed);
+linear warm-up then cosine decay to ``min_lr``; gradient-norm clipping; bfloat16 autocast on CUDA
+(float32 on the CPU); optional ``torch.compile``. Under ``torchrun`` every process takes its
+contiguous share of the same global batch, so N processes follow one process's losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import numbers
+import os
+import platform
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import data
+from .arguments import positive_int
+from .model import GPT, MODEL_PRESETS, ModelConfig
+
+__all__ = [
+    "TRAIN_PRESETS",
+    "VARIANTS",
+    "RunResult",
+    "TrainConfig",
+    "lr_factor",
+    "main",
+    "make_config",
+    "run_label",
+    "train",
+]
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+LOSS_PLOT = "loss.png"
+
+ADAM_BETAS = (0.9, 0.95)
+# Data sources load_corpus knows by name; anything else is a path to a text file.
+NAMED_DATA = ("stdlib", "tinystories")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run's numbers. Build one with :func:`make_config`."""
+
+    preset: str
+    model: ModelConfig
+    steps: int = 200
+    batch_size: int = 16  # the global batch, in sequences; split across processes under torchrun
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # where the cosine ends
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    eval_every: int = 50
+    eval_batches: int = 4
+    seed: int = 0
+    data: str | None = None  # None or "stdlib": the standard library's sources; else see load_corpus
+    compile: bool = False
+    checkpoint_every: int = 100
+    log_every: int = 10
+    # Threads for a CPU run (None: torch's default). A tiny model's matmuls are too small to split:
+    # on a 2-core machine the smoke preset ran at 25k tokens/s on one thread, 4-8k on two.
+    cpu_threads: int | None = None
+    variant: str | None = None  # the VARIANTS entry the model settings came from, if any
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.model.context
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        values = dict(values)
+        model_values = values.pop("model", None)
+        if not isinstance(model_values, dict):
+            raise ValueError("config: expected the model's settings under 'model'")
+        _reject_unknown("config", values, _train_fields())
+        _reject_unknown("config.model", model_values, _model_fields())
+        return cls(model=ModelConfig(**model_values), **values)
+
+
+# Model settings of the attention variants the comparison trains. Each sets every field that
+# tells variants apart, so applying one never inherits a register count or XSA from the preset.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "dot-rope": {"attention": "dot", "backend": "sdpa", "positional": "rope", "registers": 0, "xsa": False},
+    "dot-learned": {
+        "attention": "dot",
+        "backend": "sdpa",
+        "positional": "learned",
+        "registers": 0,
+        "xsa": False,
+    },
+    "rbf-rope": {"attention": "rbf", "backend": "auto", "positional": "rope", "registers": 0, "xsa": False},
+    "rbf-susie": {"attention": "rbf", "backend": "auto", "positional": "susie", "registers": 0, "xsa": False},
+    "rbf-susie-reg": {
+        "attention": "rbf",
+        "backend": "auto",
+        "positional": "susie",
+        "registers": 1,
+        "xsa": False,
+    },
+    "rbf-susie-reg-xsa": {
+        "attention": "rbf",
+        "backend": "auto",
+        "positional": "susie",
+        "registers": 1,
+        "xsa": True,
+    },
+}
+
+TRAIN_PRESETS: dict[str, TrainConfig] = {
+    # Under a minute on a laptop CPU, start-up included: for CI and a first look.
+    "smoke": TrainConfig(
+        preset="smoke",
+        model=MODEL_PRESETS["smoke"],
+        steps=200,
+        batch_size=16,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=20,
+        eval_every=50,
+        eval_batches=4,
+        checkpoint_every=100,
+        log_every=10,
+        cpu_threads=1,
+    ),
+    # One variant in about a minute on an H100 (46-71 s measured, kernel autotuning included), so the
+    # four-variant comparison of chapter 07 and docs/results/training-gpu10-h100.md takes about five.
+    "gpu10": TrainConfig(
+        preset="gpu10",
+        model=MODEL_PRESETS["gpu10"],
+        steps=2000,
+        batch_size=32,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=100,
+        eval_every=200,
+        eval_batches=20,
+        checkpoint_every=500,
+        log_every=20,
+    ),
+    # The sizes of the original RBF-attention experiment (d_model 256, 4 layers, 4 heads, context 256).
+    "original": TrainConfig(
+        preset="original",
+        model=MODEL_PRESETS["original"],
+        steps=5000,
+        batch_size=32,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=200,
+        eval_every=250,
+        eval_batches=20,
+        checkpoint_every=500,
+        log_every=25,
+    ),
+}
+
+
+def _train_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _model_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def _reject_unknown(where: str, values: dict[str, Any], known: Sequence[str]) -> None:
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}")
+
+
+def make_config(preset: str, variant: str | None = None, **overrides: Any) -> TrainConfig:
+    """The named preset, with a variant's model settings, then ``overrides`` applied, validated.
+
+    An override names a :class:`TrainConfig` field (``steps=50``) or a :class:`ModelConfig`
+    field (``attention="dot"``, ``registers=2``); anything else is a ValueError naming it.
+    """
+    if preset not in TRAIN_PRESETS:
+        raise ValueError(f"preset: unknown preset {preset!r}; choose from {', '.join(TRAIN_PRESETS)}")
+    config = copy.deepcopy(TRAIN_PRESETS[preset])
+    if variant is not None:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        config.model = dataclasses.replace(config.model, **VARIANTS[variant])
+        config.variant = variant
+    train_changes, model_changes = {}, {}
+    for name, value in overrides.items():
+        if name == "preset":
+            raise ValueError("preset: pass the preset as make_config's first argument, not as an override")
+        if name in _train_fields():
+            train_changes[name] = value
+        elif name in _model_fields():
+            model_changes[name] = value
+        else:
+            raise ValueError(
+                f"{name}: unknown option; training options are {', '.join(_train_fields()[2:])}, "
+                f"model options are {', '.join(_model_fields())}"
+            )
+    config = dataclasses.replace(config, **train_changes)
+    config.model = dataclasses.replace(config.model, **model_changes)
+    if variant is not None and any(config.model.__dict__[k] != v for k, v in VARIANTS[variant].items()):
+        # An explicit --attention/--positional/... changed the variant: the name no longer describes it.
+        config.variant = None
+    validate_config(config)
+    return config
+
+
+def _number(
+    name: str, value: object, *, low: float, high: float = math.inf, low_inclusive: bool = True
+) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    too_low = value < low if low_inclusive else value <= low
+    if too_low or value > high or math.isnan(value):
+        bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and <= {high}" if high < math.inf else "")
+        raise ValueError(f"{name}: expected a number {bound}, got {value!r}")
+    return float(value)
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Raise TypeError/ValueError naming the first bad field (model fields via ModelConfig.validate)."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config: expected a TrainConfig (see make_config), got {type(config).__name__}")
+    if not isinstance(config.model, ModelConfig):
+        raise TypeError(f"model: expected a ModelConfig, got {type(config.model).__name__}")
+    config.model.validate()
+    for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every", "log_every"):
+        positive_int(name, getattr(config, name))
+    if isinstance(config.warmup_steps, bool) or not isinstance(config.warmup_steps, numbers.Integral):
+        raise TypeError(f"warmup_steps: expected an int >= 0, got {config.warmup_steps!r}")
+    if config.warmup_steps < 0:
+        raise ValueError(f"warmup_steps: expected an int >= 0, got {config.warmup_steps!r}")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, numbers.Integral) or config.seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {config.seed!r}")
+    _number("lr", config.lr, low=0.0, low_inclusive=False)
+    _number("min_lr", config.min_lr, low=0.0, high=config.lr)
+    _number("weight_decay", config.weight_decay, low=0.0)
+    _number("grad_clip", config.grad_clip, low=0.0)
+    if config.cpu_threads is not None:
+        positive_int("cpu_threads", config.cpu_threads)
+    if not isinstance(config.compile, bool):
+        raise TypeError(f"compile: expected a bool, got {config.compile!r}")
+    if config.variant is not None and config.variant not in VARIANTS:
+        raise ValueError(f"variant: unknown variant {config.variant!r}; choose from {', '.join(VARIANTS)}")
+    if config.data is not None:
+        if not isinstance(config.data, str):
+            raise TypeError(f"data: expected a path or one of {NAMED_DATA}, got {type(config.data).__name__}")
+        if config.data not in NAMED_DATA and not Path(config.data).is_file():
+            raise ValueError(f"data: no such file {config.data!r} (or name one of {', '.join(NAMED_DATA)})")
+
+
+def run_label(config: TrainConfig) -> str:
+    """The variant's name, else attention-positional with the extras: "rbf-susie-reg2-xsa"."""
+    if config.variant is not None:
+        return config.variant
+    model = config.model
+    label = f"{model.attention}-{model.positional}"
+    if model.registers:
+        label += "-reg" if model.registers == 1 else f"-reg{model.registers}"
+    return label + ("-xsa" if model.xsa else "")
+
+
+def default_out_dir(config: TrainConfig) -> Path:
+    return Path("runs") / f"{config.preset}-{run_label(config)}"
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """Multiplier of ``config.lr`` for 0-based ``step``: linear warm-up, then cosine down to min_lr."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    decay_steps = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    floor = config.min_lr / config.lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay only on linear layers' weight matrices (a tied head counts as embedding)."""
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    linear_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    decay_ids = linear_ids - embedding_ids
+    decayed, undecayed = [], []
+    for parameter in model.parameters():  # each shared parameter once
+        if parameter.requires_grad:
+            (decayed if id(parameter) in decay_ids else undecayed).append(parameter)
+    groups = [
+        {"params": decayed, "weight_decay": config.weight_decay},
+        {"params": undecayed, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=ADAM_BETAS, fused=device.type == "cuda")
+
+
+# ---------------------------------------------------------------------------------------------------
+# processes, folders, checkpoints
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the torchrun workers (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls) -> Processes:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def check_out_dir(out_dir: Path, *, resume: bool, rank: int = 0) -> None:
+    """Fail early and clearly: the folder must be writable, and hold a checkpoint when resuming."""
+    if resume and not (out_dir / CHECKPOINT).is_file():
+        raise ValueError(
+            f"resume: no {CHECKPOINT} in {out_dir} to resume from (--out names the run folder; "
+            "leave out --resume to start a new run)"
+        )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-probe-{rank}-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"out: cannot write to {out_dir} ({error.strerror or error})") from error
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file and rename it: a crash never leaves half a file behind."""
+    temporary = path.with_name(path.name + ".tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    _write_atomically(path, lambda p: p.write_text(json.dumps(value, indent=2) + "\n"))
+
+
+def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    path = Path(out_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_checkpoint(out_dir: Path) -> dict[str, Any]:
+    path = Path(out_dir) / CHECKPOINT
+    if not path.is_file():
+        raise ValueError(f"resume: no {CHECKPOINT} in {out_dir}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# Fields that may change between a run and its resumption: they do not change what is computed.
+# `steps` may grow to train longer; the cosine schedule is then stretched from the resumed step on.
+RESUMABLE_CHANGES = ("steps", "compile", "eval_every", "checkpoint_every", "log_every", "cpu_threads")
+
+
+def _config_differences(saved: TrainConfig, given: TrainConfig) -> list[str]:
+    differences = []
+    for name in _train_fields():
+        if name in ("model", *RESUMABLE_CHANGES):
+            continue
+        if getattr(saved, name) != getattr(given, name):
+            differences.append(f"{name} {getattr(saved, name)!r} -> {getattr(given, name)!r}")
+    for name in _model_fields():
+        if getattr(saved.model, name) != getattr(given.model, name):
+            before, after = getattr(saved.model, name), getattr(given.model, name)
+            differences.append(f"model.{name} {before!r} -> {after!r}")
+    return differences
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C while the optimiser updates the weights, so a checkpoint never holds half a step.
+
+    Only the main thread can handle signals; elsewhere (or with no Python handler) nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):
+        yield
+        return
+    arrived: list[tuple[int, Any]] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: arrived.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if arrived:
+            previous(*arrived[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` hands back: the trained model (on its device), the logged rows, the folder."""
+
+    model: GPT
+    metrics: list[dict[str, Any]]
+    out_dir: Path
+    config: TrainConfig
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _device_description(device: torch.device, world_size: int) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        threads = torch.get_num_threads()
+        name = f"CPU ({platform.machine()}, {threads} thread{'' if threads == 1 else 's'})"
+    return name if world_size == 1 else f"{world_size} x {name}"
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def _all_reduce_sum(tensor: torch.Tensor, processes: Processes) -> torch.Tensor:
+    if processes.world_size > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+@torch.no_grad()
+def evaluate(
+    model: GPT,
+    corpus: data.ByteCorpus,
+    config: TrainConfig,
+    device: torch.device,
+    processes: Processes = Processes(),
+) -> float:
+    """Mean validation loss (nats per byte) over the fixed windows; processes split the batches."""
+    autocast = _autocast(device)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss summed over tokens, token count
+    windows = data.eval_windows(
+        corpus.val,
+        batch_size=config.batch_size,
+        context=config.model.context,
+        max_batches=config.eval_batches,
+        device=device,
+    )
+    for index, (inputs, targets) in enumerate(windows):
+        if index % processes.world_size != processes.rank:
+            continue
+        with autocast:
+            _, loss = model(inputs, targets)
+        counted = (targets != -100).sum()
+        totals[0] += loss.double() * counted
+        totals[1] += counted
+    _all_reduce_sum(totals, processes)
+    model.train(was_training)
+    if totals[1] == 0:
+        raise ValueError("data: the validation split is too short for one window of the model's context")
+    return (totals[0] / totals[1]).item()
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def plot_losses(metrics: Sequence[dict[str, Any]], title: str):
+    """Training and validation loss against step, as a matplotlib Figure (not tied to pyplot)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.0, 4.0), layout="constrained")
+    axes = figure.subplots()
+    steps = [row["step"] for row in metrics]
+    axes.plot(steps, [row["train_loss"] for row in metrics], color="#8c8c8c", label="train")
+    evaluated = [row for row in metrics if row.get("val_loss") is not None]
+    axes.plot(
+        [row["step"] for row in evaluated],
+        [row["val_loss"] for row in evaluated],
+        "o-",
+        color="#2a7f9e",
+        label="validation",
+    )
+    axes.set(xlabel="step", ylabel="loss (nats per byte)", title=title)
+    axes.grid(alpha=0.3)
+    axes.legend(frameon=False)
+    return figure
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    after_step: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Train ``config`` into ``out_dir`` (default ``runs/<preset>-<label>``); see the module docstring.
+
+    ``resume=True`` continues from ``out_dir/checkpoint.pt``. ``after_step(step)`` is called after
+    every completed step (``step`` counts from 1); raising KeyboardInterrupt there behaves like
+    Ctrl-C: a checkpoint is saved and the KeyboardInterrupt goes on to the caller.
+    Under torchrun (WORLD_SIZE > 1 in the environment) it joins the process group itself.
+    """
+    validate_config(config)
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(config)
+    processes = Processes.from_environment()
+    if config.batch_size % processes.world_size:
+        raise ValueError(
+            f"batch_size: {config.batch_size} sequences do not split evenly over "
+            f"{processes.world_size} processes"
+        )
+    check_out_dir(out_dir, resume=resume, rank=processes.rank)
+    checkpoint = None
+    if resume:
+        checkpoint = load_checkpoint(out_dir)
+        saved = TrainConfig.from_dict(checkpoint["config"])
+        differences = _config_differences(saved, config)
+        if differences:
+            raise ValueError(
+                f"resume: {out_dir} was trained with other settings ({'; '.join(differences)}); "
+                "pass the same options, or a new --out to start a new run"
+            )
+
+    joined_here = processes.world_size > 1 and not torch.distributed.is_initialized()
+    if joined_here:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(processes.local_rank)
+        torch.distributed.init_process_group(backend=backend)
+    threads = torch.get_num_threads()
+    if config.cpu_threads is not None and not torch.cuda.is_available():
+        torch.set_num_threads(config.cpu_threads)
+    try:
+        return _train(config, out_dir, checkpoint, processes, progress=progress, after_step=after_step)
+    finally:
+        torch.set_num_threads(threads)
+        if joined_here:
+            torch.distributed.destroy_process_group()
+
+
+def _train(
+    config: TrainConfig,
+    out_dir: Path,
+    checkpoint: dict[str, Any] | None,
+    processes: Processes,
+    *,
+    progress: bool,
+    after_step: Callable[[int], None] | None,
+) -> RunResult:
+    from tqdm.auto import tqdm
+
+    invocation_start = time.perf_counter()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", processes.local_rank)
+        torch.set_float32_matmul_precision("high")  # TF32 for the few float32 matmuls left under autocast
+    else:
+        device = torch.device("cpu")
+    corpus = data.load_corpus(config.data)
+
+    torch.manual_seed(config.seed)  # the same initial weights in every process
+    raw_model = GPT(config.model).to(device)
+    optimizer = build_optimizer(raw_model, config, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
+
+    start_step, elapsed_before, pending_loss_sum, pending_count = 0, 0.0, 0.0, 0
+    if checkpoint is not None:
+        raw_model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_step = int(checkpoint["step"])
+        elapsed_before = float(checkpoint["elapsed_s"])
+        pending_loss_sum = float(checkpoint["pending_loss_sum"])
+        pending_count = int(checkpoint["pending_count"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if TrainConfig.from_dict(checkpoint["config"]).steps != config.steps:
+            # Training longer (or shorter) than planned: the next step follows the new schedule.
+            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["lr"] = base_lr * lr_factor(config, start_step)
+        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+
+    model: nn.Module = raw_model
+    if processes.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        # Wrapped first, compiled second: the compiler then splits graphs at DDP's gradient buckets,
+        # so communication still overlaps the backward pass.
+        model = torch.compile(model)
+
+    metrics = [row for row in read_metrics(out_dir) if row["step"] <= start_step] if checkpoint else []
+    label = f"{config.preset} {run_label(config)}"
+    if processes.is_main:
+        _write_json(out_dir / CONFIG, config.to_dict())
+        rows_text = "".join(json.dumps(row) + "\n" for row in metrics)
+        _write_atomically(out_dir / METRICS, lambda p: p.write_text(rows_text))
+        if checkpoint is None:
+            for stale in (CHECKPOINT, SUMMARY, LOSS_PLOT):
+                (out_dir / stale).unlink(missing_ok=True)
+    show = progress and processes.is_main
+    bar = tqdm(
+        total=config.steps, initial=start_step, desc=label, unit="step", disable=not show, dynamic_ncols=True
+    )
+
+    def say(message: str) -> None:
+        if processes.is_main:
+            (bar.write if show else print)(message)
+
+    say(
+        f"{label}: {raw_model.num_parameters() / 1e6:.2f} M parameters, {corpus.source}, "
+        f"{_device_description(device, processes.world_size)}"
+        + (f"; resuming after step {start_step}" if checkpoint else "")
+    )
+
+    loop_start = time.perf_counter()
+    window_start = loop_start
+    window_steps = 0
+    pending_loss = torch.tensor(pending_loss_sum, device=device, dtype=torch.float32)
+    completed = start_step
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - loop_start
+
+    def save_checkpoint() -> None:
+        if not processes.is_main:
+            return
+        state = {
+            "step": completed,
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            },
+            "config": config.to_dict(),
+            "elapsed_s": elapsed(),
+            "pending_loss_sum": pending_loss.item(),
+            "pending_count": pending_count,
+            "torch_version": str(torch.__version__),
+        }
+        _write_atomically(out_dir / CHECKPOINT, lambda p: torch.save(state, p))
+
+    def finish(complete: bool) -> dict[str, Any]:
+        speeds = [row["tokens_per_s"] for row in metrics if row.get("tokens_per_s")]
+        # The first window pays for compilation and warm-up; leave it out when there are others.
+        speeds = speeds[1:] if len(speeds) > 2 else speeds
+        evaluated = [row for row in metrics if row.get("val_loss") is not None]
+        summary = {
+            "label": run_label(config),
+            "preset": config.preset,
+            "variant": config.variant,
+            "complete": complete,
+            "steps": completed,
+            "tokens": completed * config.tokens_per_step,
+            "parameters": raw_model.num_parameters(),
+            "final_train_loss": metrics[-1]["train_loss"] if metrics else None,
+            "final_val_loss": evaluated[-1]["val_loss"] if evaluated else None,
+            "final_val_bpb": evaluated[-1]["val_bpb"] if evaluated else None,
+            "final_val_step": evaluated[-1]["step"] if evaluated else None,
+            "tokens_per_s_median": statistics.median(speeds) if speeds else None,
+            "elapsed_s": round(elapsed(), 2),
+            "wall_time_s": round(time.perf_counter() - invocation_start, 2),
+            "device": _device_description(device, processes.world_size),
+            "world_size": processes.world_size,
+            "compile": config.compile,
+            "data": corpus.source,
+            "torch": str(torch.__version__),
+            "triton": _triton_version(),
+            "cuda": torch.version.cuda,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        if processes.is_main:
+            _write_json(out_dir / SUMMARY, summary)
+            if metrics:
+                plot_losses(metrics, f"{label}: loss").savefig(out_dir / LOSS_PLOT, dpi=120)
+        return summary
+
+    autocast = _autocast(device)
+    # Autograd runs CUDA backward nodes on a worker thread. The Triton kernel's backward is Python
+    # (its launches), and handing it the interpreter there cost 0.26 ms per attention call on an
+    # H100 (host time per forward + backward at N = 1024: 0.61 ms, against 0.35 ms on the calling
+    # thread). One process runs backward on its own thread; DDP keeps autograd's default threading,
+    # around which its gradient hooks were built.
+    multithreaded_backward = processes.world_size > 1
+    model.train()
+    try:
+        for step in range(start_step, config.steps):
+            inputs, targets = data.batch_at(
+                corpus.train,
+                step=step,
+                batch_size=config.batch_size,
+                context=config.model.context,
+                seed=config.seed,
+                rank=processes.rank,
+                world_size=processes.world_size,
+                device=device,
+            )
+            with autocast:
+                _, loss = model(inputs, targets)
+            with torch.autograd.set_multithreading_enabled(multithreaded_backward):
+                loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
+            used_lr = optimizer.param_groups[0]["lr"]
+            with _interrupts_deferred():
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                pending_loss += loss.detach().float()
+                pending_count += 1
+                window_steps += 1
+                completed = step + 1
+
+            last = completed == config.steps
+            evaluate_now = completed % config.eval_every == 0 or last
+            if completed % config.log_every == 0 or evaluate_now:
+                train_loss_sum = _all_reduce_sum(pending_loss.clone(), processes)
+                train_loss = train_loss_sum.item() / processes.world_size / pending_count
+                seconds = time.perf_counter() - window_start  # .item() above waited for the device
+                tokens_per_s = window_steps * config.tokens_per_step / seconds
+                row: dict[str, Any] = {
+                    "step": completed,
+                    "train_loss": train_loss,
+                    "val_loss": None,
+                    "val_bpb": None,
+                    "lr": used_lr,
+                    "tokens": completed * config.tokens_per_step,
+                    "elapsed_s": None,
+                    "tokens_per_s": tokens_per_s,
+                }
+                if evaluate_now:
+                    row["val_loss"] = evaluate(raw_model, corpus, config, device, processes)
+                    row["val_bpb"] = row["val_loss"] / math.log(2)  # one token is one byte
+                row["elapsed_s"] = elapsed()
+                metrics.append(row)
+                if processes.is_main:
+                    with open(out_dir / METRICS, "a") as file:
+                        file.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                if evaluate_now:
+                    say(
+                        f"step {completed}/{config.steps}: train {train_loss:.4f}, val {row['val_loss']:.4f} "
+                        f"nats ({row['val_bpb']:.4f} bits per byte), {tokens_per_s:,.0f} tokens/s"
+                    )
+                pending_loss.zero_()
+                pending_count = 0
+                window_steps = 0
+                window_start = time.perf_counter()
+            if completed % config.checkpoint_every == 0 or last:
+                save_checkpoint()
+            bar.update(1)
+            if after_step is not None:
+                after_step(completed)
+    except KeyboardInterrupt:
+        save_checkpoint()
+        finish(complete=False)
+        bar.close()
+        say(f"interrupted after step {completed}; checkpoint saved in {out_dir} (continue with --resume)")
+        raise
+    bar.close()
+    if completed == start_step and processes.is_main and checkpoint is not None:
+        save_checkpoint()  # nothing left to do: still leave a checkpoint and an up-to-date summary
+    summary = finish(complete=True)
+    if summary["final_val_loss"] is not None:
+        say(
+            f"{label}: final val loss {summary['final_val_loss']:.4f} nats "
+            f"({summary['final_val_bpb']:.4f} bits per byte), median "
+            f"{summary['tokens_per_s_median'] or 0:,.0f} tokens/s, {summary['elapsed_s']:.1f} s; "
+            f"wrote {out_dir}"
+        )
+    return RunResult(model=raw_model, metrics=metrics, out_dir=out_dir, config=config, summary=summary)
+
+
+# ---------------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m rbf_tutorial.train",
+        allow_abbrev=False,
+        description=(
+            "Train a byte-level GPT with dot-product or RBF attention. Writes config.json, metrics.jsonl, "
+            "loss.png, checkpoint.pt and summary.json to --out. Ctrl-C saves a checkpoint; --resume "
+            "continues from it. Under `torchrun --nproc_per_node N -m rbf_tutorial.train ...` the "
+            "global batch is split over N processes."
+        ),
+    )
+    parser.add_argument(
+        "--preset",
+        choices=tuple(TRAIN_PRESETS),
+        default=None,
+        help="sizes and schedule (required, except with --resume, which reads the run's own)",
+    )
+    parser.add_argument(
+        "--variant",
+        choices=tuple(VARIANTS),
+        default=None,
+        help="named attention variant; the options below override its settings",
+    )
+    parser.add_argument(
+        "--attention", choices=("dot", "rbf"), default=None, help="score keys by q.k or by -|q-k|^2"
+    )
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="attention backend (rbf: any rbf_attention backend; dot: sdpa, matmul, auto)",
+    )
+    parser.add_argument(
+        "--positional",
+        choices=("rope", "susie", "learned", "none"),
+        default=None,
+        help="how position enters the model",
+    )
+    parser.add_argument("--registers", type=int, default=None, help="register tokens per head and layer")
+    parser.add_argument(
+        "--xsa",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="exclusive self attention on every attention output",
+    )
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps")
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch, in sequences")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    parser.add_argument("--eval-every", type=int, default=None, help="validate every N steps")
+    parser.add_argument("--log-every", type=int, default=None, help="log a metrics row every N steps")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="text file to train on, or 'stdlib' (default: this Python's standard library)",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed for weights and batches")
+    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/<preset>-<variant>)")
+    parser.add_argument("--resume", action="store_true", help="continue from --out's checkpoint.pt")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar; a line per evaluation")
+    return parser
+
+
+_OPTION_FIELDS = {
+    "attention": "attention",
+    "backend": "backend",
+    "positional": "positional",
+    "registers": "registers",
+    "xsa": "xsa",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "eval_every": "eval_every",
+    "log_every": "log_every",
+    "data": "data",
+    "seed": "seed",
+    "compile": "compile",
+}
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
+    """The run's config and folder from parsed options; with --resume and no --preset, the saved config."""
+    overrides = {
+        field_name: getattr(args, option)
+        for option, field_name in _OPTION_FIELDS.items()
+        if getattr(args, option) is not None
+    }
+    if args.preset is not None:
+        config = make_config(args.preset, args.variant, **overrides)
+        return config, args.out if args.out is not None else default_out_dir(config)
+    if not args.resume:
+        raise ValueError(f"--preset: choose one of {', '.join(TRAIN_PRESETS)} (or --resume with --out)")
+    if args.out is None:
+        raise ValueError("--out: --resume without --preset needs the run folder")
+    saved = TrainConfig.from_dict(load_checkpoint(args.out)["config"])
+    if args.variant is not None:
+        saved.model = dataclasses.replace(saved.model, **VARIANTS[args.variant])
+        saved.variant = args.variant
+    model_changes = {k: v for k, v in overrides.items() if k in _model_fields()}
+    train_changes = {k: v for k, v in overrides.items() if k not in model_changes}
+    model = dataclasses.replace(saved.model, **model_changes)
+    config = dataclasses.replace(saved, model=model, **train_changes)
+    validate_config(config)
+    return config, args.out
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Train from the command line; returns the exit status (130 after Ctrl-C, checkpoint saved)."""
+    parser = build_parser(prog)
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        config, out_dir = config_from_args(args)
+        check_out_dir(out_dir, resume=args.resume, rank=Processes.from_environment().rank)
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
+    try:
+        train(config, out_dir, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
