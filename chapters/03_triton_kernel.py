@@ -1007,16 +1007,17 @@ bench.time_ratio_figure([r for r in results if r.method in SHOWN],
 # %% [markdown]
 # What to read off the recorded H100 run (`docs/results/kernel-benchmark-h100.md` has all of it):
 #
-# - **Long sequences:** at N = 4096 and 16384 the RBF kernel takes 0.82–1.00× the time of
+# - **Long sequences:** at N = 4096 and 16384 the RBF kernel takes 0.83–1.02× the time of
 #   dot-product flash attention, forward and forward + backward, causal or not, D = 64 and 128. The
 #   key-norm penalty is, as promised, nearly free.
-# - **FlexAttention** with the same `score_mod` is 1.3–1.7× slower in the forward pass and 7–14×
-#   slower forward + backward: its backward has to carry the gradient of the captured key norms.
-# - **cuDNN** runs dot-product attention in about 0.55–0.7× flash's time, using Hopper features
-#   (TMA copies, warp specialisation) this kernel does not: that is the distance still to go.
-# - **Short sequences (N = 1024)** are 2–5× flash's time. There the GPU work is a fraction of a
-#   millisecond and the time goes to Python: each Triton launch costs on the order of 0.1 ms of host
-#   time on triton 3.6, and forward + backward makes four launches.
+# - **FlexAttention** with the same `score_mod` is 1.3–1.7× slower in the forward pass there and
+#   7.5–14× slower forward + backward: its backward has to carry the gradient of the captured key norms.
+# - **cuDNN** runs dot-product attention in 0.52–0.68× flash's time at those lengths, using
+#   Hopper features (TMA copies, warp specialisation) this kernel does not: the distance still to go.
+# - **Short sequences (N = 1024):** the forward pass beats flash (0.82–0.98×), but forward + backward
+#   takes 1.7–2.2× its time. There the GPU work is a fraction of a millisecond and the time goes to
+#   the host: autograd's round trip and Triton's Python launcher, four launches per step, cost about
+#   0.75 ms while the GPU needs about 0.26 ms.
 # - **Memory:** the kernel keeps only the output, the log-sum-exp and $\Delta$ — about half of flash's
 #   peak in forward + backward here; the SDPA bias route and `cdist` grow as $N^2$ and run out.
 #

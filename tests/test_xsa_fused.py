@@ -18,7 +18,9 @@ from rbf_tutorial.kernels import rbf_flash_attention
 from rbf_tutorial.reference import rbf_attention_reference
 from rbf_tutorial.xsa import exclusive, exclusive_attention, own_values
 
-TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-12}
+# float64 under the interpreter is exact to rounding; compiled on a GPU, Triton's exp2 in float64 is
+# good to about 1e-8 relative (measured 1.3e-8 on an H200), which is still far below float32's 2e-5.
+TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-12 if KERNEL_DEVICE == "cpu" else 1e-7}
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -97,7 +99,8 @@ def test_every_backend_route_agrees():
     fused = exclusive_attention(q, k, v, causal=causal, backend="triton")
     for backend in ("naive", "matmul", "sdpa"):
         unfused = exclusive_attention(q, k, v, causal=causal, backend=backend)  # on the same device
-        assert torch.allclose(unfused, fused, rtol=1e-10, atol=1e-12), backend
+        error = relative_error(fused, unfused.detach().cpu().double())
+        assert error <= TOLERANCE[torch.float64], f"{backend}: relative error {error:.2e}"
 
 
 @pytest.mark.parametrize("call", [
