@@ -147,9 +147,6 @@ def flash_forward(q, k, v, causal: bool, scale: float, exclusive: bool = False):
     """
     batch, heads, n_queries, _ = q.shape
     n_keys = k.shape[2]
-    if exclusive and n_keys < n_queries:
-        raise ValueError(f"k: exclusive self attention needs Nk >= Nq (query i's own value is key "
-                         f"i + Nk - Nq), got Nq={n_queries}, Nk={n_keys}")
     out_dtype = q.dtype
     compute = _compute_dtype(q.dtype)
     q, k, v = (_prepare(t, compute) for t in (q, k, v))

@@ -150,16 +150,6 @@ def _snapshot(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to(torch.float32).clone()
 
 
-def _exclusive_rbf_attention(q, k, v, *, causal: bool, backend: str) -> torch.Tensor:
-    """RBF attention followed by XSA against each query's own value (the last ``Nq`` values)."""
-    fused = getattr(xsa_module, "exclusive_attention", None)
-    if fused is not None:
-        return fused(q, k, v, causal=causal, backend=backend)
-    # Older library without the fused entry point: the same thing in two steps.
-    y = rbf_attention(q, k, v, causal=causal, backend=backend)
-    return xsa_module.exclusive(y, v[..., k.shape[2] - q.shape[2] :, :])
-
-
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self attention, dot-product or RBF, with the config's positional scheme,
     registers and XSA. ``(B, T, d_model) -> (B, T, d_model)``."""
@@ -206,16 +196,15 @@ class CausalSelfAttention(nn.Module):
         q, k = self._position(q, k)
         keys, values = (k, v) if self.registers is None else self.registers.prepend(k, v)
 
-        if self.config.attention == "rbf":
-            fused_xsa = self.config.xsa and capture is None
-            if fused_xsa:
-                y = z = _exclusive_rbf_attention(q, keys, values, causal=True, backend=self.config.backend)
-            else:
-                y = rbf_attention(q, keys, values, causal=True, backend=self.config.backend)
+        if self.config.attention == "rbf" and self.config.xsa and capture is None:
+            # One call: on the triton backend XSA runs in the kernel's epilogue. A capture records
+            # the output before XSA too, so it takes the two steps below.
+            z = xsa_module.exclusive_attention(q, keys, values, causal=True, backend=self.config.backend)
         else:
-            fused_xsa = False
-            y = self._dot_attention(q, keys, values)
-        if not fused_xsa:
+            if self.config.attention == "rbf":
+                y = rbf_attention(q, keys, values, causal=True, backend=self.config.backend)
+            else:
+                y = self._dot_attention(q, keys, values)
             # The own value of query i is v_i: registers are nobody's own value.
             z = xsa_module.exclusive(y, v) if self.config.xsa else y
 

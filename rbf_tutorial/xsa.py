@@ -19,7 +19,7 @@ import numbers
 import torch
 
 from . import backends
-from .attention import resolve_backend, validate_inputs
+from .attention import rbf_attention, resolve_backend, validate_inputs
 
 __all__ = ["exclusive", "exclusive_attention", "own_values", "similarity"]
 
@@ -143,10 +143,8 @@ def exclusive_attention(
     """
     validate_inputs(q, k, v, causal=causal, scale=scale, backend=backend)
     own = own_values(v, q.shape[-2])
-    if scale is None:
-        scale = backends.default_scale(q.shape[-1])
-    route = resolve_backend(backend, q, v)
-    if route == "triton":
-        return backends.triton_attention(q, k, v, causal=causal, scale=float(scale), exclusive=True)
-    y = backends.ROUTES[route](q, k, v, causal=causal, scale=float(scale)).to(q.dtype)
+    if resolve_backend(backend, q, v) == "triton":
+        scale = backends.default_scale(q.shape[-1]) if scale is None else float(scale)
+        return backends.triton_attention(q, k, v, causal=causal, scale=scale, exclusive=True)
+    y = rbf_attention(q, k, v, causal=causal, scale=scale, backend=backend)
     return exclusive(y, own, eps=FUSED_VALUE_EPS)

@@ -186,16 +186,13 @@ def test_dot_backends_agree(registers):
     torch.testing.assert_close(logits["sdpa"], logits["matmul"], atol=1e-10, rtol=1e-8)
 
 
-def test_xsa_without_the_fused_entry_point_computes_the_same(monkeypatch):
+def test_xsa_in_one_call_matches_the_two_steps_capture_takes():
     idx = random_tokens(2, 10)
     model = tiny_model("rbf", "rope", 2, True).double()
     perturb_registers(model)
     with torch.no_grad():
-        reference, _ = model(idx)
-        monkeypatch.delattr(xsa, "exclusive_attention", raising=False)
-        fallback, _ = model(idx)
-        with_capture, _ = model(idx, capture=[])
-    torch.testing.assert_close(fallback, reference, atol=1e-10, rtol=1e-8)
+        reference, _ = model(idx)  # xsa.exclusive_attention
+        with_capture, _ = model(idx, capture=[])  # rbf_attention, then xsa.exclusive
     torch.testing.assert_close(with_capture, reference, atol=1e-10, rtol=1e-8)
 
 
