@@ -1014,10 +1014,11 @@ bench.time_ratio_figure([r for r in results if r.method in SHOWN],
 #   7.5–14× slower forward + backward: its backward has to carry the gradient of the captured key norms.
 # - **cuDNN** runs dot-product attention in 0.52–0.68× flash's time at those lengths, using
 #   Hopper features (TMA copies, warp specialisation) this kernel does not: the distance still to go.
-# - **Short sequences (N = 1024):** the forward pass beats flash (0.82–0.98×), but forward + backward
-#   takes 1.7–2.2× its time. There the GPU work is a fraction of a millisecond and the time goes to
-#   the host: autograd's round trip and Triton's Python launcher, four launches per step, cost
-#   0.6–0.75 ms while the GPU needs about 0.27 ms.
+# - **Short sequences (N = 1024):** in the recorded run the forward pass beats flash (0.82–0.98×),
+#   but forward + backward takes 1.7–2.2× its time. There the GPU work is a fraction of a
+#   millisecond and the time goes to the host: autograd's round trip and Triton's Python launcher,
+#   four launches per step, cost 0.6–0.75 ms while the GPU needs about 0.27 ms. Host time also
+#   varies from run to run: a second run the same day measured the causal forward at 2.0–2.15×.
 # - **Memory:** the kernel keeps only the output, the log-sum-exp and $\Delta$ — about half of flash's
 #   peak in forward + backward here; the SDPA bias route and `cdist` grow as $N^2$ and run out.
 #
