@@ -15,6 +15,13 @@ embedding's weights. Everything that distinguishes the variants lives in :class:
   head's keys (:class:`rbf_tutorial.registers.RegisterTokens`).
 * ``xsa=True`` removes from each attention output its component along the token's own value
   (:mod:`rbf_tutorial.xsa`).
+* ``qk_norm=True`` RMS-normalises every query and key per head (with a learnable per-feature gain)
+  before the positional encoding: the standard cure for dot-product's magnitude bullying, since no
+  key can then win by being long (Henry et al. 2020, arXiv 2010.04245; Dehghani et al. 2023,
+  arXiv 2302.05442).
+* ``scale_factor`` multiplies the logit scale ``1/sqrt(hd)`` of either score. RBF logits are
+  ``scale (2 q.k - |k|^2)``, so at equal scale RBF weighs ``q.k`` twice as strongly as dot product;
+  ``scale_factor=0.5`` on RBF gives ``q.k`` the dot product's weight.
 
 For analysis, ``forward(..., capture=[])`` fills the list with one :class:`AttentionCapture` per
 layer (what attention saw and produced), and :meth:`GPT.attention_weights` turns a capture back
@@ -74,6 +81,8 @@ class ModelConfig:
     positional: str = "rope"
     registers: int = 0
     xsa: bool = False
+    qk_norm: bool = False
+    scale_factor: float = 1.0
     tie_weights: bool = True
 
     @property
@@ -112,9 +121,15 @@ class ModelConfig:
             raise TypeError(f"registers: expected an int >= 0, got {type(self.registers).__name__}")
         if self.registers < 0:
             raise ValueError(f"registers: expected an int >= 0, got {self.registers!r}")
-        for name in ("xsa", "tie_weights"):
+        for name in ("xsa", "qk_norm", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        if isinstance(self.scale_factor, bool) or not isinstance(self.scale_factor, numbers.Real):
+            raise TypeError(
+                f"scale_factor: expected a positive number, got {type(self.scale_factor).__name__}"
+            )
+        if not (math.isfinite(self.scale_factor) and self.scale_factor > 0):
+            raise ValueError(f"scale_factor: expected a positive finite number, got {self.scale_factor!r}")
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
@@ -166,6 +181,10 @@ class CausalSelfAttention(nn.Module):
         self.registers = (
             RegisterTokens(config.n_heads, config.head_dim, config.registers) if config.registers else None
         )
+        # One gain per feature, shared by the heads: RMSNorm's usual form, applied per head.
+        self.q_norm = nn.RMSNorm(config.head_dim) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(config.head_dim) if config.qk_norm else None
+        self.scale = config.scale_factor * default_scale(config.head_dim)
 
     def _position(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.positional == "rope":
@@ -179,30 +198,33 @@ class CausalSelfAttention(nn.Module):
         """Softmax(q.k / sqrt(hd)) v with the bottom-right causal mask (registers in front stay visible)."""
         with_registers = k.shape[2] != q.shape[2]
         if self.config.backend == "matmul":
-            scores = (q @ k.transpose(-2, -1)).to(compute_dtype(q.dtype)) * default_scale(self.head_dim)
+            scores = (q @ k.transpose(-2, -1)).to(compute_dtype(q.dtype)) * self.scale
             visible = causal_visibility(q.shape[2], k.shape[2], device=q.device)
             weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
             return (weights.to(v.dtype) @ v).to(q.dtype)
         if not with_registers:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         # SDPA's is_causal is top-left aligned; with keys in front we need the bottom-right mask.
         visible = causal_visibility(q.shape[2], k.shape[2], device=q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale)
 
     def forward(self, x: torch.Tensor, capture: list[AttentionCapture] | None = None) -> torch.Tensor:
         batch, length, d_model = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self._position(q, k)
         keys, values = (k, v) if self.registers is None else self.registers.prepend(k, v)
 
         if self.config.attention == "rbf" and self.config.xsa and capture is None:
             # One call: on the triton backend XSA runs in the kernel's epilogue. A capture records
             # the output before XSA too, so it takes the two steps below.
-            z = xsa_module.exclusive_attention(q, keys, values, causal=True, backend=self.config.backend)
+            z = xsa_module.exclusive_attention(q, keys, values, causal=True, scale=self.scale,
+                                               backend=self.config.backend)
         else:
             if self.config.attention == "rbf":
-                y = rbf_attention(q, keys, values, causal=True, backend=self.config.backend)
+                y = rbf_attention(q, keys, values, causal=True, scale=self.scale, backend=self.config.backend)
             else:
                 y = self._dot_attention(q, keys, values)
             # The own value of query i is v_i: registers are nobody's own value.
@@ -352,8 +374,8 @@ class GPT(nn.Module):
         """The softmax weights of one captured layer: ``(B, H, T, R + T)``, registers first, causal.
 
         Recomputed in float32 from the captured queries and keys with this model's score
-        (``-|q - k|^2 / sqrt(hd)`` or ``q . k / sqrt(hd)``); each row sums to one, and weights on
-        future keys are zero. Materialises ``(B, H, T, R + T)``: for small inputs and heatmaps.
+        (``-s |q - k|^2`` or ``s q . k``, ``s = scale_factor / sqrt(hd)``); each row sums to one, and
+        weights on future keys are zero. Materialises ``(B, H, T, R + T)``: for small inputs and heatmaps.
         """
         if not isinstance(capture, AttentionCapture):
             raise TypeError(f"capture: expected an AttentionCapture, got {type(capture).__name__}")
@@ -361,7 +383,7 @@ class GPT(nn.Module):
         if capture.register_k is not None:
             register_keys = capture.register_k.to(k).expand(k.shape[0], -1, -1, -1)
             k = torch.cat([register_keys, k], dim=2)
-        scale = default_scale(q.shape[-1])
+        scale = self.config.scale_factor * default_scale(q.shape[-1])
         if self.config.attention == "rbf":
             logits = rbf_logits_reference(q, k, scale)
         else:

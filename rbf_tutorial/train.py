@@ -115,31 +115,20 @@ class TrainConfig:
 
 # Model settings of the attention variants the comparison trains. Each sets every field that
 # tells variants apart, so applying one never inherits a register count or XSA from the preset.
+_PLAIN = {"registers": 0, "xsa": False, "qk_norm": False, "scale_factor": 1.0}
+_DOT = {**_PLAIN, "attention": "dot", "backend": "sdpa"}
+_RBF = {**_PLAIN, "attention": "rbf", "backend": "auto"}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "dot-rope": {"attention": "dot", "backend": "sdpa", "positional": "rope", "registers": 0, "xsa": False},
-    "dot-learned": {
-        "attention": "dot",
-        "backend": "sdpa",
-        "positional": "learned",
-        "registers": 0,
-        "xsa": False,
-    },
-    "rbf-rope": {"attention": "rbf", "backend": "auto", "positional": "rope", "registers": 0, "xsa": False},
-    "rbf-susie": {"attention": "rbf", "backend": "auto", "positional": "susie", "registers": 0, "xsa": False},
-    "rbf-susie-reg": {
-        "attention": "rbf",
-        "backend": "auto",
-        "positional": "susie",
-        "registers": 1,
-        "xsa": False,
-    },
-    "rbf-susie-reg-xsa": {
-        "attention": "rbf",
-        "backend": "auto",
-        "positional": "susie",
-        "registers": 1,
-        "xsa": True,
-    },
+    "dot-rope": {**_DOT, "positional": "rope"},
+    "dot-learned": {**_DOT, "positional": "learned"},
+    # Queries and keys RMS-normalised per head: dot product without magnitude bullying.
+    "dot-qknorm-rope": {**_DOT, "positional": "rope", "qk_norm": True},
+    "rbf-rope": {**_RBF, "positional": "rope"},
+    "rbf-susie": {**_RBF, "positional": "susie"},
+    "rbf-susie-reg": {**_RBF, "positional": "susie", "registers": 1},
+    "rbf-susie-reg-xsa": {**_RBF, "positional": "susie", "registers": 1, "xsa": True},
+    # Half the logit scale: RBF's 2 q.k term then weighs exactly what dot product's q.k does.
+    "rbf-susie-reg-halfscale": {**_RBF, "positional": "susie", "registers": 1, "scale_factor": 0.5},
 }
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
@@ -609,7 +598,7 @@ def _train(
     optimizer = build_optimizer(raw_model, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
 
-    start_step, elapsed_before, pending_loss_sum, pending_count = 0, 0.0, 0.0, 0
+    start_step, elapsed_before, pending_loss_sum, pending_grad_norm_sum, pending_count = 0, 0.0, 0.0, 0.0, 0
     if checkpoint is not None:
         raw_model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -618,6 +607,7 @@ def _train(
         elapsed_before = float(checkpoint["elapsed_s"])
         pending_loss_sum = float(checkpoint["pending_loss_sum"])
         pending_count = int(checkpoint["pending_count"])
+        pending_grad_norm_sum = float(checkpoint.get("pending_grad_norm_sum", 0.0))
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if TrainConfig.from_dict(checkpoint["config"]).steps != config.steps:
             # Training longer (or shorter) than planned: the next step follows the new schedule.
@@ -664,6 +654,7 @@ def _train(
     window_start = loop_start
     window_steps = 0
     pending_loss = torch.tensor(pending_loss_sum, device=device, dtype=torch.float32)
+    pending_grad_norm = torch.tensor(pending_grad_norm_sum, device=device, dtype=torch.float32)
     completed = start_step
 
     def elapsed() -> float:
@@ -685,6 +676,7 @@ def _train(
             "elapsed_s": elapsed(),
             "pending_loss_sum": pending_loss.item(),
             "pending_count": pending_count,
+            "pending_grad_norm_sum": pending_grad_norm.item(),
             "torch_version": str(torch.__version__),
         }
         _write_atomically(out_dir / CHECKPOINT, lambda p: torch.save(state, p))
@@ -748,8 +740,10 @@ def _train(
                 _, loss = model(inputs, targets)
             with torch.autograd.set_multithreading_enabled(multithreaded_backward):
                 loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
+            # The global gradient norm before clipping, kept on the device (no sync) and averaged
+            # over the logging window: its trace shows how smooth early training is.
+            max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+            pending_grad_norm += torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm).float()
             used_lr = optimizer.param_groups[0]["lr"]
             with _interrupts_deferred():
                 optimizer.step()
@@ -776,6 +770,8 @@ def _train(
                     "tokens": completed * config.tokens_per_step,
                     "elapsed_s": None,
                     "tokens_per_s": tokens_per_s,
+                    # This process's gradients: after DDP's all-reduce they are the same everywhere.
+                    "grad_norm": pending_grad_norm.item() / pending_count,
                 }
                 if evaluate_now:
                     row["val_loss"] = evaluate(raw_model, corpus, config, device, processes)
@@ -792,6 +788,7 @@ def _train(
                         f"nats ({row['val_bpb']:.4f} bits per byte), {tokens_per_s:,.0f} tokens/s"
                     )
                 pending_loss.zero_()
+                pending_grad_norm.zero_()
                 pending_count = 0
                 window_steps = 0
                 window_start = time.perf_counter()

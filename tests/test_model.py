@@ -245,6 +245,8 @@ def test_presets():
         ({"registers": -1}, "registers"),
         ({"dropout": 1.0}, "dropout"),
         ({"n_layers": 0}, "n_layers"),
+        ({"scale_factor": 0.0}, "scale_factor"),
+        ({"scale_factor": float("inf")}, "scale_factor"),
     ],
 )
 def test_bad_configs_are_refused_by_name(overrides, field):
@@ -268,3 +270,19 @@ def test_bad_inputs_are_refused_by_name():
         model(torch.full((1, 4), TINY.vocab_size))
     with pytest.raises(ValueError, match="^targets:"):
         model(random_tokens(1, 4), random_tokens(1, 5))
+
+
+@pytest.mark.parametrize("attention", ["rbf", "dot"])
+def test_qk_norm_and_scale_factor_reach_the_scores(attention):
+    """The captured q and k are RMS-normalised (norm sqrt(hd) at unit gain), and the weights use the
+    scaled logits: rebuilding y from attention_weights only works if both settings took effect."""
+    model = tiny_model(attention, "none", 0, qk_norm=True, scale_factor=0.5)
+    capture: list[AttentionCapture] = []
+    with torch.no_grad():
+        model(random_tokens(2, 7), capture=capture)
+    for layer in capture:
+        expected_norm = torch.full(layer.q.shape[:-1], TINY.head_dim**0.5)
+        torch.testing.assert_close(layer.q.norm(dim=-1), expected_norm, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(layer.k.norm(dim=-1), expected_norm, atol=1e-3, rtol=1e-3)
+        weights = model.attention_weights(layer)
+        torch.testing.assert_close(weights @ layer.v, layer.y, atol=1e-5, rtol=1e-4)

@@ -95,7 +95,8 @@ def test_run_folder_holds_every_record(corpus_file, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == result.metrics
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
-    columns = {"step", "train_loss", "val_loss", "val_bpb", "lr", "tokens", "elapsed_s", "tokens_per_s"}
+    columns = {"step", "train_loss", "val_loss", "val_bpb", "lr", "tokens", "elapsed_s", "tokens_per_s",
+               "grad_norm"}
     assert set(rows[0]) == columns
     evaluated = [row for row in rows if row["val_loss"] is not None]
     assert [row["step"] for row in evaluated] == [2, 4]
