@@ -151,20 +151,19 @@ def _error_outputs(notebook) -> list[str]:
     ]
 
 
-def _start_the_kernel(page) -> None:
-    """Answer JupyterLab's kernel picker as a learner would, then wait until the toolbar names the kernel.
+def _wait_for_the_kernel(page) -> None:
+    """Wait until the toolbar names the Python 3 kernel, with no kernel picker shown on the way.
 
-    Chapter sources carry no kernelspec (jupytext.toml keeps notebook metadata out of them), so
-    JupyterLab asks which kernel to start unless its autoStartDefaultKernel setting is on.
+    Each chapter's YAML header carries the kernelspec, so JupyterLab starts Python 3 by itself; a
+    "Select Kernel" dialog would mean a learner has to answer a question before they can begin.
     """
     panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
     kernel_name = panel.locator(".jp-NotebookPanel-toolbar", has_text="Python 3")
-    select_button = page.locator(".jp-Dialog .jp-mod-accept")
+    dialog = page.locator(".jp-Dialog")
     deadline = time.monotonic() + 60
     while kernel_name.count() == 0:
         assert time.monotonic() < deadline, "no kernel started within 60 s"
-        if select_button.count():
-            select_button.first.click()
+        assert dialog.count() == 0, f"JupyterLab asked for a kernel: {dialog.first.inner_text()[:200]!r}"
         page.wait_for_timeout(250)
 
 
@@ -218,7 +217,7 @@ def _run_chapter_00_in_the_browser(lab_server, page) -> None:
         page.wait_for_timeout(200)
     assert code_cells.count() >= 5, f"the chapter opened with {code_cells.count()} code cells"
     page.screenshot(path=str(SCREENSHOTS_DIR / "00_opened.png"))
-    _start_the_kernel(page)
+    _wait_for_the_kernel(page)
 
     # Run > Run All Cells, through the menu as a learner would.
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()

@@ -20,10 +20,10 @@ CHAPTERS_DIR = REPO_ROOT / "chapters"
 CHAPTERS = sorted(CHAPTERS_DIR.glob("*.py"))
 LINTED_FOLDERS = ["rbf_tutorial", "kernels", "tests", "chapters"]
 
-# What a chapter cell may carry: tags (raises-exception, skip-execution, ...) and nbgrader's exercise
-# metadata, as jupytext.toml's cell_metadata_filter keeps them; a percent cell's title; and the
-# layout hints jupytext itself derives while reading.
-ALLOWED_CELL_METADATA = {"tags", "nbgrader", "title", "cell_marker", "lines_to_next_cell"}
+# What a chapter cell may carry: tags (raises-exception, skip-execution, ...), nbgrader's exercise
+# metadata and `jupyter` (source_hidden folds a solution), as jupytext.toml's cell_metadata_filter
+# keeps them; a percent cell's title; and the layout hints jupytext itself derives while reading.
+ALLOWED_CELL_METADATA = {"tags", "nbgrader", "jupyter", "title", "cell_marker", "lines_to_next_cell"}
 
 chapter_params = pytest.mark.parametrize("chapter", CHAPTERS, ids=[chapter.stem for chapter in CHAPTERS])
 
@@ -40,12 +40,16 @@ def test_chapter_is_percent_format(chapter: Path) -> None:
 @chapter_params
 def test_chapter_carries_no_notebook_state(chapter: Path) -> None:
     text = chapter.read_text(encoding="utf-8")
-    has_yaml_header = text.startswith("# ---")
-    assert not has_yaml_header, (
-        f"{chapter.name} starts with a jupytext YAML header (kernelspec, versions, widget state); "
-        "delete it: jupytext.toml keeps notebook metadata out of chapter sources"
-    )
     notebook = jupytext.reads(text, fmt="py:percent")
+    # The YAML header holds the kernelspec (so JupyterLab starts Python 3 without asking) and nothing
+    # else: no jupytext versions, widget state or language_info that would churn in every diff.
+    # (jupytext itself adds a "jupytext" entry describing the format while reading.)
+    stored = set(notebook.metadata) - {"jupytext"}
+    assert stored == {"kernelspec"}, (
+        f"{chapter.name}: notebook metadata {sorted(stored)}; a chapter's YAML header holds "
+        "the kernelspec only (jupytext.toml's notebook_metadata_filter)"
+    )
+    assert notebook.metadata["kernelspec"].get("name") == "python3", notebook.metadata["kernelspec"]
     for index, cell in enumerate(notebook.cells):
         unexpected = set(cell.metadata) - ALLOWED_CELL_METADATA
         assert not unexpected, (
