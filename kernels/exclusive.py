@@ -18,7 +18,8 @@ Backward, with ``g = dL/dz`` and ``n = |u|^2``, differentiating ``z = y - (y.u /
     dL/du = -(g.u / n) y - c g + 2 c (g.u / n) u                (only for the own-value row)
 
 ``exclusive_preprocess_kernel`` computes both per query row, together with FlashAttention's
-``Delta_i = dL/dy_i . y_i``. The attention backward then runs unchanged on ``dL/dy``, and the key
+``Delta_i = dL/dy_i . y_i`` (which the dq kernel then reads instead of computing it). The attention
+backward then runs unchanged on ``dL/dy``, and the key
 tile that holds row ``i + Nk - Nq`` adds ``dL/du_i`` to its dV (no atomics: each row has one owner).
 """
 
@@ -29,11 +30,11 @@ from .tiles import load_tile, store_tile
 
 
 @triton.jit
-def remove_own_value(y, V, own_rows, stride_vn, n_keys, value_eps,
-                     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def remove_own_value(y, V, own_rows, stride_vn, n_keys, value_eps, HEAD_DIM_V: tl.constexpr,
+                     BLOCK_DV: tl.constexpr, PAD_DV: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """(z, c) for a tile of outputs ``y`` (ACC_DTYPE): ``z = y - c u`` with ``u = V[own_rows]``."""
     own = load_tile(V, own_rows, tl.arange(0, BLOCK_DV), stride_vn, n_keys, HEAD_DIM_V, True,
-                    BLOCK_DV != HEAD_DIM_V).to(ACC_DTYPE)
+                    PAD_DV).to(ACC_DTYPE)
     along = tl.sum(y * own, axis=1)
     norm_sq = tl.sum(own * own, axis=1)
     has_direction = norm_sq > value_eps
@@ -51,22 +52,23 @@ def exclusive_preprocess_kernel(
     stride_dyb, stride_dyh, stride_dyn,
     stride_dub, stride_duh, stride_dun,
     n_heads, n_queries, n_keys, causal_offset, value_eps,
-    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_DV: tl.constexpr, FP64_INPUTS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
+    ACC_DTYPE: tl.constexpr = tl.float64 if FP64_INPUTS else tl.float32
     batch_head = tl.program_id(1)
     batch = (batch_head // n_heads).to(tl.int64)
     head = (batch_head % n_heads).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_DV)
-    pad_dims: tl.constexpr = BLOCK_DV != HEAD_DIM_V
     z = load_tile(OUT + batch * stride_ob + head * stride_oh, rows, dims, stride_on, n_queries,
-                  HEAD_DIM_V, True, pad_dims).to(ACC_DTYPE)
+                  HEAD_DIM_V, True, PAD_DV).to(ACC_DTYPE)
     g = load_tile(DO + batch * stride_dob + head * stride_doh, rows, dims, stride_don, n_queries,
-                  HEAD_DIM_V, True, pad_dims).to(ACC_DTYPE)
+                  HEAD_DIM_V, True, PAD_DV).to(ACC_DTYPE)
     # Rows past the last query would map to keys that exist; mask them by the query count instead.
     own_rows = tl.where(rows < n_queries, rows + causal_offset, n_keys)
     u = load_tile(V + batch * stride_vb + head * stride_vh, own_rows, dims, stride_vn, n_keys,
-                  HEAD_DIM_V, True, pad_dims).to(ACC_DTYPE)
+                  HEAD_DIM_V, True, PAD_DV).to(ACC_DTYPE)
     row_offset = batch_head.to(tl.int64) * n_queries
     coef = tl.load(OWN_COEF + row_offset + rows, mask=rows < n_queries, other=0.0)
 

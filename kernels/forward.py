@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .exclusive import remove_own_value
-from .tiles import load_tile, squared_norms, store_tile
+from .tiles import key_norm_penalty, load_tile, store_tile
 
 
 @triton.jit
@@ -26,8 +26,8 @@ def _accumulate_key_tiles(
     acc, row_sum, row_max, q, K, V, stride_kn, stride_vn,
     query_rows, key_start, key_end, n_keys, causal_offset, dot_scale, norm_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Fold key tiles [key_start, key_end) into the running softmax state (acc, row_sum, row_max).
 
@@ -39,28 +39,20 @@ def _accumulate_key_tiles(
     dims_v = tl.arange(0, BLOCK_DV)
     for tile_start in range(key_start, key_end, BLOCK_N):
         keys = tile_start + key_offsets
-        k = load_tile(K, keys, dims, stride_kn, n_keys, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
-        key_penalty = squared_norms(k, ACC_DTYPE) * norm_scale
-        if FP32_DOT:
-            qk = tl.dot(q, tl.trans(k), input_precision="tf32x3", out_dtype=ACC_DTYPE)
-        else:
-            qk = tl.dot(q, tl.trans(k), out_dtype=ACC_DTYPE)
-        logits = qk * dot_scale - key_penalty[None, :]
-        if MASKED:
-            visible = keys[None, :] < n_keys
-            if CAUSAL:
-                visible = visible & (keys[None, :] <= query_rows[:, None] + causal_offset)
+        k = load_tile(K, keys, dims, stride_kn, n_keys, HEAD_DIM, MASKED, PAD_D)
+        key_penalty = key_norm_penalty(k, keys, n_keys, norm_scale, MASKED, ACC_DTYPE)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        logits = qk * dot_scale - key_penalty[None, :]  # keys past the end are -inf already
+        if MASKED and CAUSAL:
+            visible = keys[None, :] <= query_rows[:, None] + causal_offset
             logits = tl.where(visible, logits, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
         weights = tl.math.exp2(logits - new_max[:, None])
         rescale = tl.math.exp2(row_max - new_max)
         row_sum = row_sum * rescale + tl.sum(weights, axis=1)
         acc = acc * rescale[:, None]
-        v = load_tile(V, keys, dims_v, stride_vn, n_keys, HEAD_DIM_V, MASKED, BLOCK_DV != HEAD_DIM_V)
-        if FP32_DOT:
-            acc = tl.dot(weights.to(v.dtype), v, acc, input_precision="tf32x3", out_dtype=ACC_DTYPE)
-        else:
-            acc = tl.dot(weights.to(v.dtype), v, acc, out_dtype=ACC_DTYPE)
+        v = load_tile(V, keys, dims_v, stride_vn, n_keys, HEAD_DIM_V, MASKED, PAD_DV)
+        acc = tl.dot(weights.to(v.dtype), v, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         row_max = new_max
     return acc, row_sum, row_max
 
@@ -79,11 +71,18 @@ def rbf_forward_kernel(
     norm_scale,                            # scale * log2(e)
     value_eps,                             # XSA: own values with |u|^2 <= value_eps are left alone
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    FP32_INPUTS: tl.constexpr, FP64_INPUTS: tl.constexpr,  # the inputs' dtype, for the products below
     EXCLUSIVE: tl.constexpr,               # apply exclusive self attention (kernels/exclusive.py)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,   # head dims rounded up to powers of two (>= 16)
+    PAD_D: tl.constexpr, PAD_DV: tl.constexpr,       # BLOCK_D != HEAD_DIM, BLOCK_DV != HEAD_DIM_V
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,    # the tile: queries per program, keys per step
 ):
+    # Derived once from the input dtype: tl.dot's input_precision ("tf32x3" gives fp32 inputs
+    # fp32-accurate products; for fp16/bf16/fp64 operands "tf32", Triton's default, changes nothing)
+    # and the accumulators' dtype (fp64 only for fp64 inputs, which gradcheck uses).
+    DOT_PRECISION: tl.constexpr = "tf32x3" if FP32_INPUTS else "tf32"
+    ACC_DTYPE: tl.constexpr = tl.float64 if FP64_INPUTS else tl.float32
     block_index = tl.program_id(0)
     if CAUSAL:
         # Late query tiles see the most keys: launch them first so the last wave is short work.
@@ -100,7 +99,7 @@ def rbf_forward_kernel(
 
     query_rows = block_start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q = load_tile(Q, query_rows, dims, stride_qn, n_queries, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    q = load_tile(Q, query_rows, dims, stride_qn, n_queries, HEAD_DIM, True, PAD_D)
 
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     row_sum = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
@@ -117,18 +116,18 @@ def rbf_forward_kernel(
     acc, row_sum, row_max = _accumulate_key_tiles(
         acc, row_sum, row_max, q, K, V, stride_kn, stride_vn, query_rows, 0, full_end,
         n_keys, causal_offset, dot_scale, norm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-        False, CAUSAL, FP32_DOT, ACC_DTYPE)
+        PAD_D, PAD_DV, False, CAUSAL, DOT_PRECISION, ACC_DTYPE)
     acc, row_sum, row_max = _accumulate_key_tiles(
         acc, row_sum, row_max, q, K, V, stride_kn, stride_vn, query_rows, full_end, key_end,
         n_keys, causal_offset, dot_scale, norm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-        True, CAUSAL, FP32_DOT, ACC_DTYPE)
+        PAD_D, PAD_DV, True, CAUSAL, DOT_PRECISION, ACC_DTYPE)
 
     out = acc / row_sum[:, None]
     if EXCLUSIVE:
         # Query i's own value is key row i + causal_offset; rows past the last query read nothing.
         own_rows = tl.where(query_rows < n_queries, query_rows + causal_offset, n_keys)
         out, own_coef = remove_own_value(out, V, own_rows, stride_vn, n_keys, value_eps,
-                                         HEAD_DIM_V, BLOCK_DV, ACC_DTYPE)
+                                         HEAD_DIM_V, BLOCK_DV, PAD_DV, ACC_DTYPE)
         tl.store(OWN_COEF + batch_head.to(tl.int64) * n_queries + query_rows, own_coef,
                  mask=query_rows < n_queries)
     store_tile(OUT, out.to(OUT.dtype.element_ty), query_rows, tl.arange(0, BLOCK_DV), stride_on,

@@ -1,12 +1,15 @@
 """The fused kernel as a PyTorch operator: autograd, torch.compile and fake tensors all work.
 
-``torch.library.custom_op`` makes the Triton launches one opaque operator, so ``torch.compile``
-traces through a model that calls it without a graph break; ``register_fake`` tells the compiler
-the output shapes without running anything, and ``register_autograd`` wires the backward kernels.
+``torch.library.triton_op`` registers the forward and the backward as operators whose bodies launch
+the kernels through ``torch.library.wrap_triton``. Under ``torch.compile`` the compiler traces into
+those bodies: it sees the Triton kernels themselves, launches them from its generated code next to
+the kernels it fuses around them, and ``mode="reduce-overhead"`` can capture the whole step in a CUDA
+graph. The same bodies, run on fake tensors, tell the compiler the output shapes, and
+``register_autograd`` wires the backward to the forward.
 
-Outside the compiler the same launches run through a plain ``torch.autograd.Function``: a Python
-custom op costs tens of microseconds of dispatch per call, as much as the whole kernel at N=1024.
-Both routes call the same ``flash_forward`` / ``flash_backward``, so their numbers are identical.
+Outside the compiler the same launches run through a plain ``torch.autograd.Function``: calling an
+operator costs tens of microseconds of dispatch, as much as the whole kernel at N=1024. Both routes
+call the same ``flash_forward`` / ``flash_backward``, so their numbers are identical.
 """
 
 from __future__ import annotations
@@ -20,34 +23,39 @@ from rbf_tutorial.runtime import interpreting
 from .launch import MAX_HEAD_DIM, flash_backward, flash_forward
 
 
-@torch.library.custom_op("rbf_tutorial::flash_forward", mutates_args=())
+def _kernel_operator(name: str):
+    """Register a function that launches kernels as the operator ``name``.
+
+    On a GPU: ``torch.library.triton_op``, which the compiler traces into (see the module docstring).
+    Under the CPU interpreter there is no compiled kernel to show a compiler, and a traced graph would
+    lose the launch: there it is a plain, opaque ``custom_op`` whose fake implementation is the same
+    function (its launches do nothing on fake tensors, see ``launch._only_shapes``).
+    """
+
+    def register(fn):
+        if interpreting():
+            operator = torch.library.custom_op(name, fn, mutates_args=())
+            operator.register_fake(fn)
+            return operator
+        return torch.library.triton_op(name, fn, mutates_args=())
+
+    return register
+
+
+@_kernel_operator("rbf_tutorial::flash_forward")
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                 exclusive: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, lse, own_coef = flash_forward(q, k, v, causal, scale, exclusive)
+    out, lse, own_coef = flash_forward(q, k, v, causal, scale, exclusive, traced=True)
     # An operator returns tensors only: "no XSA coefficients" travels as an empty tensor.
     return out, lse, own_coef if exclusive else lse.new_empty(0)
 
 
-@_forward_op.register_fake
-def _(q, k, v, causal, scale, exclusive):
-    batch, heads, n_queries, _ = q.shape
-    out = q.new_empty((batch, heads, n_queries, v.shape[-1]))
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse = q.new_empty((batch, heads, n_queries), dtype=lse_dtype)
-    own_coef = torch.empty_like(lse) if exclusive else lse.new_empty(0)
-    return out, lse, own_coef
-
-
-@torch.library.custom_op("rbf_tutorial::flash_backward", mutates_args=())
+@_kernel_operator("rbf_tutorial::flash_backward")
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  out: torch.Tensor, lse: torch.Tensor, own_coef: torch.Tensor, causal: bool,
                  scale: float, exclusive: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return flash_backward(grad_out, q, k, v, out, lse, causal, scale, own_coef if exclusive else None)
-
-
-@_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, own_coef, causal, scale, exclusive):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return flash_backward(grad_out, q, k, v, out, lse, causal, scale, own_coef if exclusive else None,
+                          traced=True)
 
 
 def _setup_context(ctx, inputs, output):
@@ -69,7 +77,7 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _FlashAttentionFunction(torch.autograd.Function):
-    """The eager route: the same kernels as the custom op, with far less dispatch overhead."""
+    """The eager route: the same kernels as the operator, with far less dispatch overhead."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, exclusive):

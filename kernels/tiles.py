@@ -1,8 +1,11 @@
-"""Small Triton helpers shared by the forward and backward kernels: loading tiles at ragged edges.
+"""Small Triton helpers shared by the forward and backward kernels: tiles at ragged edges, key norms.
 
 A tile is BLOCK rows by BLOCK_D columns. Rows past the sequence end, and columns past a head dim that
-is not a power of two, are masked to zero. Zero is the safe filler everywhere it is used here: a zero
+is not a power of two, are masked to zero. Zero is the safe filler for the tiles' *contents*: a zero
 query or key row adds nothing to a dot product, and a zero upstream gradient adds nothing to dk or dv.
+A key row past the end must still get no *weight*, which :func:`key_norm_penalty` guarantees by giving
+it an infinite norm: its logit is -inf and its weight exactly 0, whatever the query.
+
 Masks cost instructions in the hot loop, so the caller says (as compile-time constants) which of the
 two edges can actually occur for the tile at hand.
 """
@@ -37,7 +40,14 @@ def store_tile(base, tile, rows, cols, row_stride, n_rows, n_cols: tl.constexpr)
 
 
 @triton.jit
-def squared_norms(tile, ACC_DTYPE: tl.constexpr):
-    """Row-wise squared Euclidean norms of a tile, accumulated in ACC_DTYPE (fp32, or fp64 for fp64)."""
-    tile_acc = tile.to(ACC_DTYPE)
-    return tl.sum(tile_acc * tile_acc, axis=1)
+def key_norm_penalty(k, keys, n_keys, norm_scale, CHECK_ROWS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``norm_scale * |k_j|^2`` per key row of the tile, in ACC_DTYPE; +inf for rows past the last key.
+
+    The infinite penalty makes a padded key's logit -inf, so its weight is exactly 0 in every kernel
+    without a separate bounds mask (and exp2 never sees the huge values a zero key would give).
+    """
+    k_acc = k.to(ACC_DTYPE)
+    penalty = tl.sum(k_acc * k_acc, axis=1) * norm_scale
+    if CHECK_ROWS:
+        penalty = tl.where(keys < n_keys, penalty, float("inf"))
+    return penalty

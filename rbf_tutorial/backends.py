@@ -263,8 +263,10 @@ def sdpa_attention(
 
 @functools.cache
 def _compiled_flex() -> Callable[..., torch.Tensor]:
-    # Compiled once per process; torch.compile keeps its own cache of shape specialisations.
-    return torch.compile(torch_flex.flex_attention)
+    # As FlexAttention's own documentation uses it: compiled once per process, with static shapes
+    # (dynamic=False), so each new shape compiles a kernel specialised to it (torch.compile caches
+    # them) instead of a slower kernel generic over sequence length.
+    return torch.compile(torch_flex.flex_attention, dynamic=False)
 
 
 def _eager_flex(*args, **kwargs) -> torch.Tensor:
