@@ -350,13 +350,16 @@ def test_jupyterlab_started_by_the_cli_opens_and_saves_chapters_cleanly(tmp_path
         jupytext_plugins = [name for name in plugin_ids if name.startswith("jupyterlab-jupytext")]
         assert jupytext_plugins, f"jupytext's JupyterLab extension is not loaded: {sorted(plugin_ids)}"
 
-        # Saving through JupyterLab must honour jupytext.toml: percent format, no header, no outputs.
+        # Saving through JupyterLab must honour jupytext.toml: percent format, a header holding the
+        # kernelspec and nothing else (no language_info, no jupytext versions), no outputs.
         probe_url = f"{base}/api/contents/chapters/99_probe.py"
         _request_json(probe_url, token, "PUT", SAVED_NOTEBOOK)
         saved = (chapters / "99_probe.py").read_text()
-        assert saved.startswith("# %% [markdown]"), f"saved with a header or in another format:\n{saved}"
-        assert '# %% tags=["raises-exception"]' in saved, saved
-        for leaked in ("kernelspec", "scrolled", "execution_count", "stdout"):
+        header, _, body = saved.partition("# ---\n\n")
+        assert header.startswith("# ---\n# jupyter:\n#   kernelspec:\n"), f"header:\n{saved}"
+        assert body.startswith("# %% [markdown]"), f"saved in another format:\n{saved}"
+        assert '# %% tags=["raises-exception"]' in body, saved
+        for leaked in ("language_info", "jupytext_version", "scrolled", "execution_count", "stdout"):
             assert leaked not in saved, f"{leaked!r} was saved into the chapter:\n{saved}"
         _request_json(probe_url, token, "DELETE")
     finally:
