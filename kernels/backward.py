@@ -95,6 +95,11 @@ def dkdv_kernel(
     # and the accumulators' dtype (fp64 only for fp64 inputs, which gradcheck uses).
     DOT_PRECISION: tl.constexpr = "tf32x3" if FP32_INPUTS else "tf32"
     ACC_DTYPE: tl.constexpr = tl.float64 if FP64_INPUTS else tl.float32
+    # torch.compile passes Python floats as fp64 scalars: with fp32 accumulators, keep them fp32 (fp64
+    # ones would turn the loop-carried row sums into fp64, which Triton refuses).
+    if not FP64_INPUTS:
+        dot_scale, norm_scale = tl.cast(dot_scale, tl.float32), tl.cast(norm_scale, tl.float32)
+        grad_scale = tl.cast(grad_scale, tl.float32)
     key_start = tl.program_id(0) * BLOCK_N
     batch_head = tl.program_id(1)
     batch = (batch_head // n_heads).to(tl.int64)
@@ -207,6 +212,11 @@ def dq_kernel(
     # and the accumulators' dtype (fp64 only for fp64 inputs, which gradcheck uses).
     DOT_PRECISION: tl.constexpr = "tf32x3" if FP32_INPUTS else "tf32"
     ACC_DTYPE: tl.constexpr = tl.float64 if FP64_INPUTS else tl.float32
+    # torch.compile passes Python floats as fp64 scalars: with fp32 accumulators, keep them fp32 (fp64
+    # ones would turn the loop-carried row sums into fp64, which Triton refuses).
+    if not FP64_INPUTS:
+        dot_scale, norm_scale = tl.cast(dot_scale, tl.float32), tl.cast(norm_scale, tl.float32)
+        grad_scale = tl.cast(grad_scale, tl.float32)
     block_index = tl.program_id(0)
     if CAUSAL:
         # Late query tiles see the most keys: launch them first so the last wave is short work.

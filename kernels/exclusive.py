@@ -56,6 +56,8 @@ def exclusive_preprocess_kernel(
     BLOCK_M: tl.constexpr,
 ):
     ACC_DTYPE: tl.constexpr = tl.float64 if FP64_INPUTS else tl.float32
+    if not FP64_INPUTS:  # torch.compile passes Python floats as fp64 scalars
+        value_eps = tl.cast(value_eps, tl.float32)
     batch_head = tl.program_id(1)
     batch = (batch_head // n_heads).to(tl.int64)
     head = (batch_head % n_heads).to(tl.int64)

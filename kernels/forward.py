@@ -83,6 +83,11 @@ def rbf_forward_kernel(
     # and the accumulators' dtype (fp64 only for fp64 inputs, which gradcheck uses).
     DOT_PRECISION: tl.constexpr = "tf32x3" if FP32_INPUTS else "tf32"
     ACC_DTYPE: tl.constexpr = tl.float64 if FP64_INPUTS else tl.float32
+    # torch.compile passes Python floats as fp64 scalars: with fp32 accumulators, keep them fp32 (fp64
+    # ones would turn the loop-carried row sums into fp64, which Triton refuses).
+    if not FP64_INPUTS:
+        dot_scale, norm_scale = tl.cast(dot_scale, tl.float32), tl.cast(norm_scale, tl.float32)
+        value_eps = tl.cast(value_eps, tl.float32)
     block_index = tl.program_id(0)
     if CAUSAL:
         # Late query tiles see the most keys: launch them first so the last wave is short work.

@@ -20,9 +20,10 @@ from rbf_tutorial.train import VARIANTS
 SMALL = replace(MODEL_PRESETS["smoke"], context=128, d_model=128, n_layers=2, n_heads=2)
 
 
-def loss_and_grads(model, tokens, targets):
+def loss_and_grads(run, model, tokens, targets):
+    """Loss of ``run(tokens, targets)`` and the gradients it leaves on ``model``'s parameters."""
     model.zero_grad(set_to_none=True)
-    _, loss = model(tokens, targets)
+    _, loss = run(tokens, targets)
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -36,9 +37,9 @@ def test_compiled_model_has_no_graph_breaks_and_matches_eager(variant):
     tokens = torch.randint(0, SMALL.vocab_size, (3, 100), device="cuda", generator=generator)
     targets = torch.randint(0, SMALL.vocab_size, (3, 100), device="cuda", generator=generator)
 
-    eager_loss, eager_grads = loss_and_grads(model, tokens, targets)
+    eager_loss, eager_grads = loss_and_grads(model, model, tokens, targets)
     compiled = torch.compile(model, fullgraph=True)
-    (compiled_loss, compiled_grads), code = run_and_get_code(loss_and_grads, compiled, tokens, targets)
+    (compiled_loss, compiled_grads), code = run_and_get_code(loss_and_grads, compiled, model, tokens, targets)
 
     torch.testing.assert_close(compiled_loss, eager_loss, atol=2e-4, rtol=2e-4)
     assert compiled_grads.keys() == eager_grads.keys()
