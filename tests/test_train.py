@@ -21,6 +21,7 @@ from rbf_tutorial import cli, data
 from rbf_tutorial import train as training
 from rbf_tutorial.model import GPT
 from rbf_tutorial.train import VARIANTS, lr_factor, make_config, train
+from rbf_tutorial.training_state import build_optimizer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -125,7 +126,7 @@ def test_schedule_warms_up_then_decays_to_min_lr(corpus_file):
 def test_weight_decay_spares_embeddings_norms_and_biases(corpus_file):
     config = tiny(corpus_file, "rbf-susie-reg")
     model = GPT(config.model)
-    decayed, undecayed = training.build_optimizer(model, config, torch.device("cpu")).param_groups
+    decayed, undecayed = build_optimizer(model, config, torch.device("cpu")).param_groups
     assert decayed["weight_decay"] == config.weight_decay and undecayed["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decayed["params"])
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
