@@ -64,10 +64,13 @@ def number(
     return value
 
 
-def positive_float(name: str, value: object) -> float:
-    """``value`` as a float if it is a finite number > 0."""
+def positive_float(name: str, value: object, *, none_allowed: bool = False) -> float | None:
+    """``value`` as a float if it is a finite number > 0 (None passes too with ``none_allowed``)."""
+    if none_allowed and value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a positive number, got {_describe(value)}")
+        expected = "None or a positive number" if none_allowed else "a positive number"
+        raise TypeError(f"{name}: expected {expected}, got {_describe(value)}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
     return float(value)
