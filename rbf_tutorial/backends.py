@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.nn.attention import flex_attention as torch_flex
 from torch.nn.attention.bias import causal_lower_right
 
+from . import runtime
 from .reference import causal_softmax, causal_visibility
 
 __all__ = [
@@ -343,6 +344,7 @@ def triton_attention(
     the kernel runs through Triton's interpreter (slow; keep inputs small). ``exclusive`` turns on
     the kernel's exclusive-self-attention epilogue (``rbf_attention(..., exclusive=True)``).
     """
+    runtime.announce_interpreter()
     try:
         from rbf_tutorial.kernels import rbf_flash_attention
     except ImportError as err:
