@@ -71,7 +71,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     advice = (
         "it is damaged (an interrupted copy or a full disk?) or not a checkpoint of rbf-tutorial train; "
-        "restore it, or start the run again with --overwrite"
+        "restore it, or start the run afresh with --overwrite instead of --resume"
     )
     if not path.is_file():
         raise CheckpointError(f"resume: no checkpoint at {path} (leave out --resume to start a new run)")
@@ -124,7 +124,7 @@ class TrainingState:
             first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
             raise CheckpointError(
                 f"resume: {path} does not fit this model ({type(error).__name__}: {first_line}); "
-                "resume with the run's own settings, or start again with --overwrite"
+                "resume with the run's own settings, or start afresh with --overwrite instead of --resume"
             ) from None
         state.step = int(checkpoint["step"])
         state.elapsed_before = float(checkpoint["elapsed_s"])
