@@ -551,9 +551,9 @@ class _Progress:
 
 
 def _metrics_row(run: _Run, used_lr: float, window: tuple[float, int], evaluate_now: bool) -> dict[str, Any]:
-    """The logged row after the current step; ``window`` is (when it opened, steps in it)."""
+    """The logged row after the current step; ``window`` is (when it opened, the step count then)."""
     config, state = run.config, run.state
-    steps_in_window = window[1]
+    steps_in_window = state.step - window[1]
     train_loss, grad_norm = state.close_window(run.processes.sum, run.processes.world_size)
     seconds = time.perf_counter() - window[0]  # close_window waited for the device
     row: dict[str, Any] = {
@@ -725,7 +725,7 @@ def _train(
     # around which its gradient hooks were built.
     multithreaded_backward = processes.world_size > 1
     max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-    window = (time.perf_counter(), 0)  # when the logging window opened, steps in it
+    window = (time.perf_counter(), state.step)  # when the logging window opened, and at which step
     model.train()
     try:
         for step in range(state.step, config.steps):
@@ -745,7 +745,6 @@ def _train(
                 state.scheduler.step()
                 state.optimizer.zero_grad(set_to_none=True)
                 state.add_step(loss, grad_norm)
-                window = (window[0], window[1] + 1)
             last = state.step == config.steps
             evaluate_now = state.step % config.eval_every == 0 or last
             if state.step % config.log_every == 0 or evaluate_now:
@@ -761,7 +760,7 @@ def _train(
                         f"{row['val_loss']:.4f} nats ({row['val_bpb']:.4f} bits per byte), "
                         f"{row['tokens_per_s']:,.0f} tokens/s"
                     )
-                window = (time.perf_counter(), 0)
+                window = (time.perf_counter(), state.step)
             if processes.is_main and (state.step % config.checkpoint_every == 0 or last):
                 state.save(out_dir / runs.CHECKPOINT, config)
             shown.bar.update(1)
