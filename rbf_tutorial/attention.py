@@ -10,12 +10,11 @@ benchmark) comes through here.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 
 import torch
 
-from . import backends
+from . import backends, xsa
+from .arguments import boolean, positive_float
 from .runtime import kernel_mode
 
 __all__ = ["BACKENDS", "rbf_attention", "resolve_backend", "validate_inputs"]
@@ -40,13 +39,15 @@ def validate_inputs(
     causal: object = False,
     scale: object = None,
     backend: object = "auto",
+    exclusive: object = False,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming the first bad argument and what was expected.
 
     Expected: ``q (B, H, Nq, D)``, ``k (B, H, Nk, D)``, ``v (B, H, Nk, Dv)``, all non-empty, one
     float dtype (float16, bfloat16, float32 or float64), one device; ``causal`` a bool, and
     with ``causal`` ``Nq <= Nk``; ``scale`` ``None`` or a positive finite number; ``backend``
-    one of :data:`BACKENDS`.
+    one of :data:`BACKENDS`; ``exclusive`` a bool, and with ``exclusive`` ``Nk >= Nq`` (every
+    query has its own key and value).
     """
     layouts = {"q": "(B, H, Nq, D)", "k": "(B, H, Nk, D)", "v": "(B, H, Nk, Dv)"}
     tensors = {"q": q, "k": k, "v": v}
@@ -88,8 +89,7 @@ def validate_inputs(
         if x.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} to match q, got {x.device}")
 
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__} {causal!r}")
+    boolean("causal", causal)
     if causal and query_len > key_len:
         raise ValueError(
             f"causal: bottom-right causal attention needs Nq <= Nk (query i sees key j iff "
@@ -97,32 +97,40 @@ def validate_inputs(
             f"{query_len - key_len} queries would see no key at all"
         )
 
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"scale: expected None or a positive number, got {type(scale).__name__}")
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
+    positive_float("scale", scale, none_allowed=True)
 
     if not isinstance(backend, str) or backend not in BACKENDS:
         choices = ", ".join(repr(name) for name in BACKENDS)
         raise ValueError(f"backend: expected one of {choices}, got {backend!r}")
 
+    if boolean("exclusive", exclusive):
+        xsa.check_own_values(query_len, key_len)
+
 
 @functools.cache
-def _triton_kernel_available() -> bool:
+def _compiled_kernel_head_dim_limit() -> int | None:
+    """The largest head dim the compiled Triton kernel takes, or None when it cannot run here.
+
+    Reads the environment and imports the kernels, so it is answered once per process and kept out
+    of ``torch.compile`` graphs (see :func:`_kernel_limit`).
+    """
+    if kernel_mode() != "compiled":
+        return None
     try:
-        from rbf_tutorial.kernels import rbf_flash_attention  # noqa: F401
+        import rbf_tutorial.kernels as kernels
     except ImportError:
-        return False
-    return True
+        return None
+    if not hasattr(kernels, "rbf_flash_attention"):
+        return None
+    return getattr(kernels, "MAX_HEAD_DIM", 2**31)
 
 
-def _triton_kernel_fits(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the head dims are within what the fused kernel supports (if it says)."""
-    import rbf_tutorial.kernels
-
-    max_head_dim = getattr(rbf_tutorial.kernels, "MAX_HEAD_DIM", None)
-    return max_head_dim is None or max(q.shape[-1], v.shape[-1]) <= max_head_dim
+@torch.compiler.assume_constant_result
+def _kernel_limit() -> int:
+    # A constant for the compiler: tracing the import and os.environ lookups above would break the
+    # graph of every compiled model that calls attention with backend="auto". 0: no compiled kernel.
+    limit = _compiled_kernel_head_dim_limit()
+    return 0 if limit is None else limit
 
 
 def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor | None = None) -> str:
@@ -139,7 +147,7 @@ def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor | None = None
     v = q if v is None else v
     if not q.is_cuda or q.dtype not in _KERNEL_DTYPES:
         return "matmul"
-    if kernel_mode() == "compiled" and _triton_kernel_available() and _triton_kernel_fits(q, v):
+    if max(q.shape[-1], v.shape[-1]) <= _kernel_limit():
         return "triton"
     return "flex"
 
@@ -152,8 +160,9 @@ def rbf_attention(
     causal: bool = False,
     scale: float | None = None,
     backend: str = "auto",
+    exclusive: bool = False,
 ) -> torch.Tensor:
-    """RBF attention: ``softmax(-scale * |q_i - k_j|^2) @ v``.
+    """RBF attention: ``softmax(-scale * |q_i - k_j|^2) @ v``, optionally with exclusive self attention.
 
     Args:
         q: queries ``(B, H, Nq, D)``.
@@ -165,6 +174,11 @@ def rbf_attention(
         scale: how sharply weight falls off with squared distance; defaults to ``1 / sqrt(D)``.
         backend: one of :data:`BACKENDS`; see :mod:`rbf_tutorial.backends` and
             :func:`resolve_backend` for what ``"auto"`` picks.
+        exclusive: exclusive self attention (:mod:`rbf_tutorial.xsa`): each output ``y_i`` minus
+            its component along query ``i``'s own value ``u_i = v[..., i + Nk - Nq, :]`` (so keys
+            in front, such as registers, are nobody's own). Needs ``Nk >= Nq``. The ``"triton"``
+            backend does it in the kernel's epilogue, forward and backward; every other backend
+            computes attention, then :func:`rbf_tutorial.xsa.exclusive`.
 
     Returns:
         ``(B, H, Nq, Dv)`` in ``q``'s dtype, differentiable with respect to ``q``, ``k``, ``v``
@@ -173,9 +187,13 @@ def rbf_attention(
     Raises:
         TypeError, ValueError: a bad argument, named in the message with what was expected.
     """
-    validate_inputs(q, k, v, causal=causal, scale=scale, backend=backend)
-    if scale is None:
-        scale = backends.default_scale(q.shape[-1])
-    route = backends.ROUTES[resolve_backend(backend, q, v)]
-    out = route(q, k, v, causal=causal, scale=float(scale))
+    validate_inputs(q, k, v, causal=causal, scale=scale, backend=backend, exclusive=exclusive)
+    scale = backends.default_scale(q.shape[-1]) if scale is None else float(scale)
+    route = resolve_backend(backend, q, v)
+    if route == "triton":
+        out = backends.triton_attention(q, k, v, causal=causal, scale=scale, exclusive=exclusive)
+    else:
+        out = backends.ROUTES[route](q, k, v, causal=causal, scale=scale)
+        if exclusive:
+            out = xsa.exclusive(out, xsa.own_values(v, q.shape[-2]), eps=xsa.FUSED_VALUE_EPS)
     return out.to(q.dtype)

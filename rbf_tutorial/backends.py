@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch.nn.attention import flex_attention as torch_flex
 from torch.nn.attention.bias import causal_lower_right
 
-from .reference import causal_visibility
+from . import runtime
+from .reference import causal_softmax, causal_visibility
 
 __all__ = [
     "ROUTES",
@@ -107,10 +108,7 @@ def _softmax_times_values(
     logits: torch.Tensor, v: torch.Tensor, *, causal: bool, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """Mask (bottom-right), softmax along keys in the logits' dtype, weight the values."""
-    if causal:
-        visible = causal_visibility(logits.shape[-2], logits.shape[-1], device=logits.device)
-        logits = logits.masked_fill(~visible, float("-inf"))
-    weights = torch.softmax(logits, dim=-1)
+    weights = causal_softmax(logits) if causal else torch.softmax(logits, dim=-1)
     return (weights.to(v.dtype) @ v).to(out_dtype)
 
 
@@ -346,8 +344,9 @@ def triton_attention(
 
     Imported on first use, so the pure-torch routes work where triton is missing. With no GPU
     the kernel runs through Triton's interpreter (slow; keep inputs small). ``exclusive`` turns on
-    the kernel's exclusive-self-attention epilogue (see :func:`rbf_tutorial.xsa.exclusive_attention`).
+    the kernel's exclusive-self-attention epilogue (``rbf_attention(..., exclusive=True)``).
     """
+    runtime.announce_interpreter()
     try:
         from rbf_tutorial.kernels import rbf_flash_attention
     except ImportError as err:

@@ -6,8 +6,10 @@
     rbf-tutorial assignments OUT_DIR [--chapters 00,01]   nbgrader student and instructor notebooks
     rbf-tutorial train --preset smoke [...]   train a small GPT; every argument after `train` goes to it
     rbf-tutorial compare RUN_DIR... [--out DIR]   loss curves and a results table of training runs
+    rbf-tutorial --version
 
-``python -m rbf_tutorial`` is the same command.
+``python -m rbf_tutorial`` is the same command. Every module a command needs is imported when that
+command runs, so ``--help`` and ``--version`` answer at once.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
-import inspect
 import os
 import platform
 import re
@@ -25,11 +26,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import runtime
+from . import __version__, runtime
+from .paths import default_chapters_dir
 
 # Commands whose module parses its own arguments: `rbf-tutorial NAME ARGS...` calls
-# `MODULE.main(ARGS)`. Adding a command such as `train` is one line here plus a `main(argv)` there.
-# The module is imported only when its command runs, so `doctor` and `lab` never pay for it.
+# `MODULE.main(ARGS, prog="rbf-tutorial NAME")`. Adding a command is one line here plus a
+# `main(argv, *, prog)` there. The module is imported only when its command runs, so `doctor`,
+# `lab` and `--help` never pay for it.
 FORWARDED_COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("rbf_tutorial.bench", "time every backend side by side (arguments go to rbf_tutorial.bench)"),
     "assignments": (
@@ -43,10 +46,15 @@ FORWARDED_COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("rbf_tutorial.compare", "validation loss curves and a results table of training runs"),
 }
 
-# Folder shipped inside the package; `lab` puts it on JUPYTER_CONFIG_PATH. Its
-# labconfig/default_setting_overrides.json makes "Jupytext Notebook" the default viewer for Python
-# files. It only changes a default: a viewer chosen in the user's own JupyterLab settings still wins,
-# and nothing is written to the user's settings.
+# Folder shipped inside the package; `lab` puts it first on JUPYTER_CONFIG_PATH, for its session only.
+# - labconfig/default_setting_overrides.json makes "Jupytext Notebook" the default viewer for Python
+#   files. It only changes a default: a viewer chosen in the user's own JupyterLab settings still wins,
+#   and nothing is written to the user's settings.
+# - labconfig/page_config.json and jupyter_server_config.d/rbf-tutorial.json switch off nbgrader's
+#   JupyterLab and server extensions. The dev extra installs nbgrader (for `rbf-tutorial assignments`
+#   and its tests), and an installed nbgrader enables itself in every JupyterLab of the environment:
+#   menus, an assignments panel and "No nbgrader_config.py" lines in the log, none of which a learner
+#   needs. Instructors who want them run `jupyter lab` itself.
 JUPYTER_CONFIG_DIR = Path(__file__).resolve().parent / "jupyter_config"
 JUPYTEXT_VIEWER = "Jupytext Notebook"
 DOCMANAGER_PLUGIN = "@jupyterlab/docmanager-extension:plugin"
@@ -295,15 +303,6 @@ def doctor(run_backends: bool = False) -> int:
 # lab
 
 
-def default_chapters_dir() -> Path | None:
-    """The chapters of the checkout this package is installed from, else ./chapters, else None."""
-    beside_package = Path(__file__).resolve().parent.parent / "chapters"
-    for candidate in (beside_package, Path.cwd() / "chapters"):
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
 def lab_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     """`base` (default: this process's environment) with the shipped JupyterLab defaults on the path."""
     environment = dict(os.environ if base is None else base)
@@ -357,9 +356,6 @@ def lab(chapters_dir: Path | None, jupyter_args: list[str], print_only: bool = F
     )
     sys.stdout.flush()
     sys.stderr.flush()
-    # Started from the served folder: nbgrader's server extension takes the working directory as
-    # its course folder and complains when that lies outside the server's root.
-    os.chdir(lab_root(chapters_dir))
     if os.name == "posix":
         # Become JupyterLab rather than wrapping it, so Ctrl-C and its shutdown prompt behave as usual.
         os.execve(sys.executable, command, environment)
@@ -372,17 +368,9 @@ def lab(chapters_dir: Path | None, jupyter_args: list[str], print_only: bool = F
 
 def run_forwarded(command: str, argv: list[str]) -> int:
     module_name, _ = FORWARDED_COMMANDS[command]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name:
-            raise
-        print(f"rbf-tutorial {command}: {module_name} is not part of this version yet.", file=sys.stderr)
-        return 2
-    # A module that takes `prog` shows `rbf-tutorial NAME` in its usage line rather than its own name.
-    accepts_prog = "prog" in inspect.signature(module.main).parameters
-    result = module.main(argv, prog=f"rbf-tutorial {command}") if accepts_prog else module.main(argv)
-    return int(result or 0)
+    module = importlib.import_module(module_name)
+    # `prog` makes the module's usage line say `rbf-tutorial NAME` rather than its own name.
+    return int(module.main(argv, prog=f"rbf-tutorial {command}") or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -391,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         description="Distance-based (RBF) attention, from first principles to fused Triton kernels.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     doctor_parser = subcommands.add_parser(

@@ -2,8 +2,9 @@
 
     rbf-tutorial compare runs/gpu10-dot-rope runs/gpu10-rbf-susie-reg ... [--out runs]
 
-Reads each run folder written by :mod:`rbf_tutorial.train` (``config.json``, ``metrics.jsonl``,
-``summary.json`` when the run finished or was stopped cleanly), prints a markdown table and writes
+Reads each run folder written by :mod:`rbf_tutorial.train` (through :mod:`rbf_tutorial.runs`:
+``config.json``, ``metrics.jsonl``, ``summary.json`` when the run finished or was stopped cleanly),
+prints a markdown table and writes
 ``compare.md`` and ``compare.png`` (validation loss against step, and against wall time) to
 ``--out`` (default: the folder the runs sit in).
 
@@ -14,81 +15,18 @@ there is one (the attention everything else is measured against), else the first
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from .runs import Run, load_run, write_atomically
 
 __all__ = ["Run", "compare", "load_run", "main", "results_table"]
 
 # Dot-product runs keep the colour chapters use for dot attention; RBF variants take the others.
 DOT_COLOR = "#c44e52"
 OTHER_COLORS = ("#2a7f9e", "#e0a030", "#55a868", "#8172b2", "#8c8c8c", "#937860", "#da8bc3")
-
-
-@dataclass
-class Run:
-    """One run folder, read back."""
-
-    path: Path
-    name: str
-    config: dict[str, Any]
-    metrics: list[dict[str, Any]]
-    summary: dict[str, Any]
-
-    @property
-    def evaluated(self) -> list[dict[str, Any]]:
-        return [row for row in self.metrics if row.get("val_loss") is not None]
-
-    @property
-    def attention(self) -> str:
-        return self.config.get("model", {}).get("attention", "?")
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.summary.get("complete", False))
-
-
-def _label_from_config(config: dict[str, Any]) -> str:
-    if config.get("variant"):
-        return config["variant"]
-    model = config.get("model", {})
-    label = f"{model.get('attention', '?')}-{model.get('positional', '?')}"
-    registers = model.get("registers", 0)
-    if registers:
-        label += "-reg" if registers == 1 else f"-reg{registers}"
-    return label + ("-xsa" if model.get("xsa") else "")
-
-
-def load_run(run_dir: str | os.PathLike) -> Run:
-    """Read a run folder; ValueError naming the folder when it is not one."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise ValueError(f"run_dir: {path} is not a folder")
-    config_path, metrics_path, summary_path = (
-        path / name for name in ("config.json", "metrics.jsonl", "summary.json")
-    )
-    missing = [p.name for p in (config_path, metrics_path) if not p.is_file()]
-    if missing:
-        raise ValueError(
-            f"run_dir: {path} has no {' or '.join(missing)}; is it a folder written by rbf-tutorial train?"
-        )
-    try:
-        config = json.loads(config_path.read_text())
-        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    except json.JSONDecodeError as error:
-        raise ValueError(f"run_dir: {path} holds a file that is not valid JSON ({error})") from error
-    return Run(
-        path=path,
-        name=summary.get("label") or _label_from_config(config),
-        config=config,
-        metrics=metrics,
-        summary=summary,
-    )
 
 
 def _unique_names(runs: Sequence[Run]) -> list[str]:
@@ -199,8 +137,8 @@ def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None
         out.mkdir(parents=True, exist_ok=True)
         sources = ", ".join(sorted({run.summary.get("data", "") for run in runs} - {""}))
         note = f"\nData: {sources}.\n" if sources else ""
-        (out / "compare.md").write_text(f"# Training runs compared\n\n{table}\n{note}")
-        figure.savefig(out / "compare.png", dpi=120)
+        write_atomically(out / "compare.md", f"# Training runs compared\n\n{table}\n{note}")
+        write_atomically(out / "compare.png", lambda path: figure.savefig(path, dpi=120, format="png"))
     return table, figure
 
 

@@ -34,11 +34,9 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import numbers
 import os
 import sys
 import sysconfig
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,7 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arguments import positive_int
+from .arguments import non_negative_int, number, positive_int
+from .runs import write_atomically
 
 __all__ = [
     "IGNORE_INDEX",
@@ -379,25 +378,13 @@ def _cached_pair(
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         for path, content in zip(paths, built, strict=True):
-            _write_atomically(path, content)
+            write_atomically(path, content)
     except OSError as err:
         warnings.warn(
             f"could not cache the corpus in {cache_dir} ({err}); it will be rebuilt next time", stacklevel=3
         )
     train, val = (torch.frombuffer(bytearray(content), dtype=torch.uint8) for content in built)
     return train, val
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,12 +415,12 @@ def batch_at(
     device of ``tokens``), with ``targets[:, t] == inputs[:, t + 1]``: the token after position t.
     """
     _check_tokens(tokens)
-    step = _non_negative_int("step", step)
+    step = non_negative_int("step", step)
     batch_size = positive_int("batch_size", batch_size)
     context = positive_int("context", context)
-    seed = _non_negative_int("seed", seed)
+    seed = non_negative_int("seed", seed)
     world_size = positive_int("world_size", world_size)
-    rank = _non_negative_int("rank", rank)
+    rank = non_negative_int("rank", rank)
     if rank >= world_size:
         raise ValueError(f"rank: expected 0 <= rank < world_size = {world_size}, got {rank}")
     if batch_size % world_size:
@@ -595,7 +582,7 @@ def copy_offset_batch(
     batch_size = positive_int("batch_size", batch_size)
     length = positive_int("length", length)
     vocab_size = positive_int("vocab_size", vocab_size)
-    offset = _non_negative_int("offset", offset)
+    offset = non_negative_int("offset", offset)
     if offset >= length:
         raise ValueError(f"offset: expected 0 <= offset < length = {length}, got {offset}")
     inputs = torch.randint(
@@ -623,20 +610,8 @@ def _to_device(inputs: torch.Tensor, targets: torch.Tensor, device) -> tuple[tor
 # --------------------------------------------------------------------------------------------------
 
 
-def _non_negative_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected a non-negative int, got {_describe(value)}")
-    if value < 0:
-        raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
-    return int(value)
-
-
 def _check_val_fraction(val_fraction: object) -> float:
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real):
-        raise TypeError(f"val_fraction: expected a float in (0, 1), got {_describe(val_fraction)}")
-    if not 0.0 < float(val_fraction) < 1.0:
-        raise ValueError(f"val_fraction: expected a float strictly between 0 and 1, got {val_fraction!r}")
-    return float(val_fraction)
+    return number("val_fraction", val_fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
 
 
 def _describe(value: object) -> str:

@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from .arguments import positive_float
+
 __all__ = [
     "QuadraticFit",
     "available_memory",
@@ -138,8 +140,7 @@ def predict_oom_n(fit: QuadraticFit | Sequence[float], available_bytes: float) -
     a, b, c = (float(x) for x in fit)
     if a <= 0:
         raise ValueError(f"fit: the N² coefficient must be positive to predict running out, got a={a:.3g}")
-    if available_bytes <= 0:
-        raise ValueError(f"available_bytes: expected a positive number, got {available_bytes}")
+    available_bytes = positive_float("available_bytes", available_bytes)
     discriminant = b * b - 4 * a * (c - available_bytes)
     return math.ceil((-b + math.sqrt(discriminant)) / (2 * a))
 

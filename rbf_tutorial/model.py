@@ -34,7 +34,6 @@ Configs are plain dataclasses: take a preset and change fields with ``dataclasse
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -42,10 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import xsa as xsa_module
+from .arguments import boolean, non_negative_int, positive_float, positive_int, probability
 from .attention import BACKENDS, rbf_attention
 from .backends import compute_dtype, default_scale
 from .positional import LearnedPositions, SuSiE, rope
-from .reference import causal_visibility, rbf_logits_reference
+from .reference import causal_softmax, causal_visibility, rbf_logits_reference
 from .registers import RegisterTokens
 
 __all__ = [
@@ -92,17 +92,10 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise ``TypeError``/``ValueError`` naming the first bad field and what was expected."""
         for name in ("vocab_size", "context", "d_model", "n_layers", "n_heads", "mlp_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
-            if value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+            positive_int(name, getattr(self, name))
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads: {self.n_heads} does not divide d_model {self.d_model}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real):
-            raise TypeError(f"dropout: expected a number in [0, 1), got {type(self.dropout).__name__}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        probability("dropout", self.dropout)
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention: expected one of {ATTENTIONS}, got {self.attention!r}")
         allowed_backends = BACKENDS if self.attention == "rbf" else DOT_BACKENDS
@@ -117,19 +110,10 @@ class ModelConfig:
                 f"positional: {self.positional!r} works on pairs of coordinates and needs an even head "
                 f"dim, got d_model / n_heads = {self.d_model} / {self.n_heads} = {self.head_dim}"
             )
-        if isinstance(self.registers, bool) or not isinstance(self.registers, numbers.Integral):
-            raise TypeError(f"registers: expected an int >= 0, got {type(self.registers).__name__}")
-        if self.registers < 0:
-            raise ValueError(f"registers: expected an int >= 0, got {self.registers!r}")
+        non_negative_int("registers", self.registers)
         for name in ("xsa", "qk_norm", "tie_weights"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
-        if isinstance(self.scale_factor, bool) or not isinstance(self.scale_factor, numbers.Real):
-            raise TypeError(
-                f"scale_factor: expected a positive number, got {type(self.scale_factor).__name__}"
-            )
-        if not (math.isfinite(self.scale_factor) and self.scale_factor > 0):
-            raise ValueError(f"scale_factor: expected a positive finite number, got {self.scale_factor!r}")
+            boolean(name, getattr(self, name))
+        positive_float("scale_factor", self.scale_factor)
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
@@ -198,9 +182,7 @@ class CausalSelfAttention(nn.Module):
         """Softmax(q.k / sqrt(hd)) v with the bottom-right causal mask (registers in front stay visible)."""
         with_registers = k.shape[2] != q.shape[2]
         if self.config.backend == "matmul":
-            scores = (q @ k.transpose(-2, -1)).to(compute_dtype(q.dtype)) * self.scale
-            visible = causal_visibility(q.shape[2], k.shape[2], device=q.device)
-            weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+            weights = causal_softmax((q @ k.transpose(-2, -1)).to(compute_dtype(q.dtype)) * self.scale)
             return (weights.to(v.dtype) @ v).to(q.dtype)
         if not with_registers:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
@@ -220,8 +202,8 @@ class CausalSelfAttention(nn.Module):
         if self.config.attention == "rbf" and self.config.xsa and capture is None:
             # One call: on the triton backend XSA runs in the kernel's epilogue. A capture records
             # the output before XSA too, so it takes the two steps below.
-            z = xsa_module.exclusive_attention(q, keys, values, causal=True, scale=self.scale,
-                                               backend=self.config.backend)
+            z = rbf_attention(q, keys, values, causal=True, scale=self.scale, backend=self.config.backend,
+                              exclusive=True)
         else:
             if self.config.attention == "rbf":
                 y = rbf_attention(q, keys, values, causal=True, scale=self.scale, backend=self.config.backend)
@@ -325,9 +307,9 @@ class GPT(nn.Module):
             raise ValueError(
                 f"{name}: sequence length {tokens.shape[1]} exceeds the model's context {self.config.context}"
             )
-        if tokens.is_cuda:
-            # Checking values would wait for the GPU on every step (and break torch.compile graphs);
-            # an out-of-range id there fails inside the embedding instead.
+        if tokens.is_cuda or torch.compiler.is_compiling():
+            # Checking values would wait for the GPU on every step, and break torch.compile graphs
+            # (it reads a tensor's value); an out-of-range id then fails inside the embedding instead.
             return
         valid = (tokens >= 0) & (tokens < self.config.vocab_size)
         if allow_ignored:
@@ -388,5 +370,4 @@ class GPT(nn.Module):
             logits = rbf_logits_reference(q, k, scale)
         else:
             logits = scale * (q @ k.transpose(-2, -1))
-        visible = causal_visibility(q.shape[2], k.shape[2], device=q.device)
-        return torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+        return causal_softmax(logits)

@@ -15,7 +15,13 @@ import math
 
 import torch
 
-__all__ = ["causal_visibility", "rbf_attention_reference", "rbf_logits_reference"]
+__all__ = [
+    "causal_softmax",
+    "causal_visibility",
+    "masked_softmax",
+    "rbf_attention_reference",
+    "rbf_logits_reference",
+]
 
 
 def causal_visibility(query_len: int, key_len: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -29,6 +35,22 @@ def causal_visibility(query_len: int, key_len: int, device: torch.device | str |
     query_index = torch.arange(query_len, device=device)[:, None]
     key_index = torch.arange(key_len, device=device)[None, :]
     return key_index <= query_index + (key_len - query_len)
+
+
+def masked_softmax(logits: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim of ``logits``, where ``visible`` (broadcast to it) is False weight 0.
+
+    Hidden logits become ``-inf`` before the softmax, so they take no mass and no gradient. A row
+    with nothing visible would be all ``-inf`` and come out NaN: every caller here keeps at least
+    one key visible per query (see :func:`rbf_attention_reference` for the one that must not).
+    """
+    return torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+
+
+def causal_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """:func:`masked_softmax` under the bottom-right causal mask of ``logits``' last two dims (Nq, Nk)."""
+    visible = causal_visibility(logits.shape[-2], logits.shape[-1], device=logits.device)
+    return masked_softmax(logits, visible)
 
 
 def rbf_logits_reference(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -77,7 +99,5 @@ def rbf_attention_reference(
     sees_some_key = visible.any(dim=-1, keepdim=True)
     # A fully hidden row would be softmax over nothing (all -inf -> NaN, and NaN gradients).
     # Leave such rows unmasked so the softmax stays finite, then zero their weights.
-    hide = ~visible & sees_some_key
-    weights = torch.softmax(logits.masked_fill(hide, float("-inf")), dim=-1)
-    weights = weights * sees_some_key
+    weights = masked_softmax(logits, visible | ~sees_some_key) * sees_some_key
     return weights @ v

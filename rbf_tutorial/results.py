@@ -17,21 +17,21 @@ Anywhere, later::
 The file keeps per run what the results table and the loss plots need (name, model settings,
 parameters, steps, final validation loss and bits per byte, tokens per second, times, and the
 validation curve), not the checkpoints or every logged row. It reads back as
-:class:`rbf_tutorial.compare.Run` objects, so a recorded comparison and a fresh one are shown by
+:class:`rbf_tutorial.runs.Run` objects, so a recorded comparison and a fresh one are shown by
 the very same code.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import compare
+from . import compare, runs
+from .runs import Run
 
 __all__ = [
     "FORMAT_VERSION",
@@ -65,9 +65,9 @@ _RUN_FIELDS = (
 
 @dataclass
 class RecordedTraining:
-    """A recorded comparison: its runs (as :class:`compare.Run`) and where and how they were made."""
+    """A recorded comparison: its runs (:class:`rbf_tutorial.runs.Run`), where and how they were made."""
 
-    runs: list[compare.Run]
+    runs: list[Run]
     metadata: dict[str, Any]
     path: Path | None = None
 
@@ -77,7 +77,7 @@ def _round(value: Any) -> Any:
     return float(f"{value:.7g}") if isinstance(value, float) else value
 
 
-def _run_record(run: compare.Run) -> dict[str, Any]:
+def _run_record(run: Run) -> dict[str, Any]:
     if not run.summary:
         raise ValueError(f"run_dirs: {run.path} has no summary.json; let the run finish (or resume it)")
     if not run.complete:
@@ -109,19 +109,19 @@ def record_runs(
         raise ValueError("run_dirs: expected a list of one or more run folders")
     if not isinstance(command, str) or not command.strip():
         raise ValueError("command: say how the runs were made, e.g. 'rbf-tutorial train --preset gpu10 ...'")
-    runs = [compare.load_run(run_dir) for run_dir in run_dirs]
-    records = [_run_record(run) for run in runs]
-    first = runs[0].summary
-    for run in runs[1:]:
+    loaded = [runs.load_run(run_dir) for run_dir in run_dirs]
+    records = [_run_record(run) for run in loaded]
+    first = loaded[0].summary
+    for run in loaded[1:]:
         for name in _SHARED_SETTINGS:
             if run.summary.get(name) != first.get(name):
                 raise ValueError(
-                    f"run_dirs: {run.path} has {name} {run.summary.get(name)!r} but {runs[0].path} has "
+                    f"run_dirs: {run.path} has {name} {run.summary.get(name)!r} but {loaded[0].path} has "
                     f"{first.get(name)!r}; record runs of one comparison together"
                 )
     metadata = {
         "command": command.strip(),
-        "date": max(run.summary.get("date") or "" for run in runs),  # when the last run finished
+        "date": max(run.summary.get("date") or "" for run in loaded),  # when the last run finished
         "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **{name: first.get(name) for name in (*_SHARED_SETTINGS, "torch", "triton", "cuda")},
         "seeds": sorted({record["seed"] for record in records}),
@@ -129,18 +129,18 @@ def record_runs(
     document = {"format": FORMAT_VERSION, "metadata": metadata, "runs": records}
     out_json = Path(out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(document, indent=1) + "\n")
+    runs.write_json(out_json, document, indent=1)  # compact: the curves are long
     return document
 
 
-def _as_run(record: dict[str, Any], metadata: dict[str, Any]) -> compare.Run:
+def _as_run(record: dict[str, Any], metadata: dict[str, Any]) -> Run:
     summary = {name: record.get(name) for name in _RUN_FIELDS}
     summary.update(
         label=record["name"], variant=record.get("variant"), complete=True, device=metadata.get("device")
     )
     config = {**record.get("train", {}), "model": record.get("model", {})}
     name = record["name"]
-    return compare.Run(path=Path(name), name=name, config=config, metrics=record["curve"], summary=summary)
+    return Run(path=Path(name), name=name, config=config, metrics=record["curve"], summary=summary)
 
 
 def load_recorded(path: str | os.PathLike = RECORDED_TRAINING) -> RecordedTraining:
@@ -149,17 +149,17 @@ def load_recorded(path: str | os.PathLike = RECORDED_TRAINING) -> RecordedTraini
     if not path.is_file():
         raise FileNotFoundError(f"path: no recorded training comparison at {path}")
     try:
-        document = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"path: {path} is not valid JSON ({error})") from error
+        document = runs.read_json(path)
+    except ValueError as error:
+        raise ValueError(f"path: {error}") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT_VERSION:
         raise ValueError(
             f"path: {path} is not a recorded training comparison of format {FORMAT_VERSION} "
             "(write one with rbf_tutorial.results.record_runs)"
         )
     metadata = document["metadata"]
-    runs = [_as_run(record, metadata) for record in document["runs"]]
-    return RecordedTraining(runs=runs, metadata=metadata, path=path)
+    recorded_runs = [_as_run(record, metadata) for record in document["runs"]]
+    return RecordedTraining(runs=recorded_runs, metadata=metadata, path=path)
 
 
 def describe(recorded: RecordedTraining) -> str:

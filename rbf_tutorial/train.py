@@ -25,9 +25,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
-import json
 import math
-import numbers
 import os
 import platform
 import signal
@@ -43,13 +41,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import data
-from .arguments import positive_int
+from . import data, runs
+from .arguments import boolean, non_negative_int, number, positive_float, positive_int
 from .model import GPT, MODEL_PRESETS, ModelConfig
+from .runs import RunError
+from .training_state import CheckpointError, TrainingState, lr_factor, read_checkpoint
 
 __all__ = [
     "TRAIN_PRESETS",
     "VARIANTS",
+    "RunError",
     "RunResult",
     "TrainConfig",
     "lr_factor",
@@ -59,13 +60,6 @@ __all__ = [
     "train",
 ]
 
-CHECKPOINT = "checkpoint.pt"
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
-LOSS_PLOT = "loss.png"
-
-ADAM_BETAS = (0.9, 0.95)
 # Data sources load_corpus knows by name; anything else is a path to a text file.
 NAMED_DATA = ("stdlib", "tinystories")
 
@@ -229,18 +223,6 @@ def make_config(preset: str, variant: str | None = None, **overrides: Any) -> Tr
     return config
 
 
-def _number(
-    name: str, value: object, *, low: float, high: float = math.inf, low_inclusive: bool = True
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
-    too_low = value < low if low_inclusive else value <= low
-    if too_low or value > high or math.isnan(value):
-        bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and <= {high}" if high < math.inf else "")
-        raise ValueError(f"{name}: expected a number {bound}, got {value!r}")
-    return float(value)
-
-
 def validate_config(config: TrainConfig) -> None:
     """Raise TypeError/ValueError naming the first bad field (model fields via ModelConfig.validate)."""
     if not isinstance(config, TrainConfig):
@@ -250,20 +232,15 @@ def validate_config(config: TrainConfig) -> None:
     config.model.validate()
     for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every", "log_every"):
         positive_int(name, getattr(config, name))
-    if isinstance(config.warmup_steps, bool) or not isinstance(config.warmup_steps, numbers.Integral):
-        raise TypeError(f"warmup_steps: expected an int >= 0, got {config.warmup_steps!r}")
-    if config.warmup_steps < 0:
-        raise ValueError(f"warmup_steps: expected an int >= 0, got {config.warmup_steps!r}")
-    if isinstance(config.seed, bool) or not isinstance(config.seed, numbers.Integral) or config.seed < 0:
-        raise ValueError(f"seed: expected an int >= 0, got {config.seed!r}")
-    _number("lr", config.lr, low=0.0, low_inclusive=False)
-    _number("min_lr", config.min_lr, low=0.0, high=config.lr)
-    _number("weight_decay", config.weight_decay, low=0.0)
-    _number("grad_clip", config.grad_clip, low=0.0)
+    non_negative_int("warmup_steps", config.warmup_steps)
+    non_negative_int("seed", config.seed)
+    positive_float("lr", config.lr)
+    number("min_lr", config.min_lr, low=0.0, high=config.lr)
+    number("weight_decay", config.weight_decay, low=0.0)
+    number("grad_clip", config.grad_clip, low=0.0)
     if config.cpu_threads is not None:
         positive_int("cpu_threads", config.cpu_threads)
-    if not isinstance(config.compile, bool):
-        raise TypeError(f"compile: expected a bool, got {config.compile!r}")
+    boolean("compile", config.compile)
     if config.variant is not None and config.variant not in VARIANTS:
         raise ValueError(f"variant: unknown variant {config.variant!r}; choose from {', '.join(VARIANTS)}")
     if config.data is not None:
@@ -275,47 +252,15 @@ def validate_config(config: TrainConfig) -> None:
 
 def run_label(config: TrainConfig) -> str:
     """The variant's name, else attention-positional with the extras: "rbf-susie-reg2-xsa"."""
-    if config.variant is not None:
-        return config.variant
-    model = config.model
-    label = f"{model.attention}-{model.positional}"
-    if model.registers:
-        label += "-reg" if model.registers == 1 else f"-reg{model.registers}"
-    return label + ("-xsa" if model.xsa else "")
+    return runs.run_label(config)
 
 
 def default_out_dir(config: TrainConfig) -> Path:
     return Path("runs") / f"{config.preset}-{run_label(config)}"
 
 
-def lr_factor(config: TrainConfig, step: int) -> float:
-    """Multiplier of ``config.lr`` for 0-based ``step``: linear warm-up, then cosine down to min_lr."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    decay_steps = max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
-    floor = config.min_lr / config.lr
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on linear layers' weight matrices (a tied head counts as embedding)."""
-    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    linear_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    decay_ids = linear_ids - embedding_ids
-    decayed, undecayed = [], []
-    for parameter in model.parameters():  # each shared parameter once
-        if parameter.requires_grad:
-            (decayed if id(parameter) in decay_ids else undecayed).append(parameter)
-    groups = [
-        {"params": decayed, "weight_decay": config.weight_decay},
-        {"params": undecayed, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=ADAM_BETAS, fused=device.type == "cuda")
-
-
 # ---------------------------------------------------------------------------------------------------
-# processes, folders, checkpoints
+# processes, devices, evaluation
 
 
 @dataclass(frozen=True)
@@ -337,103 +282,18 @@ class Processes:
             return cls()
         return cls(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
 
-
-def check_out_dir(out_dir: Path, *, resume: bool, rank: int = 0) -> None:
-    """Fail early and clearly: the folder must be writable, and hold a checkpoint when resuming."""
-    if resume and not (out_dir / CHECKPOINT).is_file():
-        raise ValueError(
-            f"resume: no {CHECKPOINT} in {out_dir} to resume from (--out names the run folder; "
-            "leave out --resume to start a new run)"
-        )
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-probe-{rank}-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(f"out: cannot write to {out_dir} ({error.strerror or error})") from error
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the processes, in place (itself when running alone)."""
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file and rename it: a crash never leaves half a file behind."""
-    temporary = path.with_name(path.name + ".tmp")
-    write(temporary)
-    os.replace(temporary, path)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    _write_atomically(path, lambda p: p.write_text(json.dumps(value, indent=2) + "\n"))
-
-
-def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
-    path = Path(out_dir) / METRICS
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def load_checkpoint(out_dir: Path) -> dict[str, Any]:
-    path = Path(out_dir) / CHECKPOINT
-    if not path.is_file():
-        raise ValueError(f"resume: no {CHECKPOINT} in {out_dir}")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-# Fields that may change between a run and its resumption: they do not change what is computed.
-# `steps` may grow to train longer; the cosine schedule is then stretched from the resumed step on.
-RESUMABLE_CHANGES = ("steps", "compile", "eval_every", "checkpoint_every", "log_every", "cpu_threads")
-
-
-def _config_differences(saved: TrainConfig, given: TrainConfig) -> list[str]:
-    differences = []
-    for name in _train_fields():
-        if name in ("model", *RESUMABLE_CHANGES):
-            continue
-        if getattr(saved, name) != getattr(given, name):
-            differences.append(f"{name} {getattr(saved, name)!r} -> {getattr(given, name)!r}")
-    for name in _model_fields():
-        if getattr(saved.model, name) != getattr(given.model, name):
-            before, after = getattr(saved.model, name), getattr(given.model, name)
-            differences.append(f"model.{name} {before!r} -> {after!r}")
-    return differences
-
-
-@contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Hold back Ctrl-C while the optimiser updates the weights, so a checkpoint never holds half a step.
-
-    Only the main thread can handle signals; elsewhere (or with no Python handler) nothing changes.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    if not callable(previous):
-        yield
-        return
-    arrived: list[tuple[int, Any]] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: arrived.append((signum, frame)))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if arrived:
-            previous(*arrived[0])
-
-
-# ---------------------------------------------------------------------------------------------------
-# the run
-
-
-@dataclass
-class RunResult:
-    """What :func:`train` hands back: the trained model (on its device), the logged rows, the folder."""
-
-    model: GPT
-    metrics: list[dict[str, Any]]
-    out_dir: Path
-    config: TrainConfig
-    summary: dict[str, Any] = field(default_factory=dict)
+def _device(processes: Processes) -> torch.device:
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for the few float32 matmuls left under autocast
+        return torch.device("cuda", processes.local_rank)
+    return torch.device("cpu")
 
 
 def _device_description(device: torch.device, world_size: int) -> str:
@@ -453,10 +313,10 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
-def _all_reduce_sum(tensor: torch.Tensor, processes: Processes) -> torch.Tensor:
-    if processes.world_size > 1:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    return tensor
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -487,17 +347,11 @@ def evaluate(
         counted = (targets != -100).sum()
         totals[0] += loss.double() * counted
         totals[1] += counted
-    _all_reduce_sum(totals, processes)
+    processes.sum(totals)
     model.train(was_training)
     if totals[1] == 0:
         raise ValueError("data: the validation split is too short for one window of the model's context")
     return (totals[0] / totals[1]).item()
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def plot_losses(metrics: Sequence[dict[str, Any]], title: str):
@@ -522,22 +376,303 @@ def plot_losses(metrics: Sequence[dict[str, Any]], title: str):
     return figure
 
 
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C while the optimiser updates the weights, so a checkpoint never holds half a step.
+
+    Only the main thread can handle signals; elsewhere (or with no Python handler) nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):
+        yield
+        return
+    arrived: list[tuple[int, Any]] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: arrived.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if arrived:
+            previous(*arrived[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# before the run: every check, nothing written
+
+
+# Fields that may change between a run and its resumption: they do not change what is computed.
+# `steps` may grow to train longer; the cosine schedule is then stretched from the resumed step on.
+RESUMABLE_CHANGES = ("steps", "compile", "eval_every", "checkpoint_every", "log_every", "cpu_threads")
+
+
+def _config_differences(saved: TrainConfig, given: TrainConfig) -> list[str]:
+    differences = []
+    for name in _train_fields():
+        if name in ("model", *RESUMABLE_CHANGES):
+            continue
+        if getattr(saved, name) != getattr(given, name):
+            differences.append(f"{name} {getattr(saved, name)!r} -> {getattr(given, name)!r}")
+    for name in _model_fields():
+        if getattr(saved.model, name) != getattr(given.model, name):
+            before, after = getattr(saved.model, name), getattr(given.model, name)
+            differences.append(f"model.{name} {before!r} -> {after!r}")
+    return differences
+
+
+def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a run folder's metrics.jsonl ([] when there is none yet)."""
+    return runs.read_jsonl(Path(out_dir) / runs.METRICS, missing_ok=True)
+
+
+def _saved_config(checkpoint: dict[str, Any], path: Path) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(checkpoint["config"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"resume: {path} holds settings this version cannot read ({error})") from None
+
+
+def _describe_existing_run(out_dir: Path) -> str:
+    try:
+        summary = runs.read_json(out_dir / runs.SUMMARY)
+        return f" ({'finished' if summary.get('complete') else 'stopped'} after {summary.get('steps')} steps)"
+    except (ValueError, AttributeError):
+        return ""
+
+
+def _load_corpus(config: TrainConfig) -> data.ByteCorpus:
+    try:
+        corpus = data.load_corpus(config.data)
+    except (RuntimeError, ValueError) as error:
+        raise RunError(str(error)) from None
+    needed = config.model.context + 1
+    for split in ("train", "val"):
+        if getattr(corpus, split).numel() < needed:
+            raise RunError(
+                f"data (--data): the {split} split of {config.data or 'stdlib'} holds "
+                f"{getattr(corpus, split).numel()} bytes, fewer than one window of the model's context "
+                f"({needed}); use a longer text"
+            )
+    return corpus
+
+
+def _make_writable(out_dir: Path, rank: int) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-probe-{rank}-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise RunError(f"out: cannot write to {out_dir} ({error.strerror or error})") from None
+
+
+@dataclass
+class _Run:
+    """A run that passed every check: its state, data and rows so far. Nothing has been written yet."""
+
+    config: TrainConfig
+    out_dir: Path
+    processes: Processes
+    device: torch.device
+    corpus: data.ByteCorpus
+    state: TrainingState
+    metrics: list[dict[str, Any]]
+    resumed: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.config.preset} {run_label(self.config)}"
+
+
+def _prepare(
+    config: TrainConfig, out_dir: Path, processes: Processes, *, resume: bool, overwrite: bool
+) -> _Run:
+    """Check the folder, the checkpoint and the data, and build the state; RunError says what is wrong."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunError(f"out: {out_dir} is a file, not a run folder")
+    checkpoint = None
+    if resume:
+        path = out_dir / runs.CHECKPOINT
+        checkpoint = read_checkpoint(path)
+        differences = _config_differences(_saved_config(checkpoint, path), config)
+        if differences:
+            raise RunError(
+                f"resume: {out_dir} was trained with other settings ({'; '.join(differences)}); "
+                "pass the same options, or a new --out to start a new run"
+            )
+    elif runs.holds_run(out_dir) and not overwrite:
+        raise RunError(
+            f"out: {out_dir} already holds a run{_describe_existing_run(out_dir)}; continue it with "
+            "--resume, replace it with --overwrite, or choose another --out"
+        )
+    corpus = _load_corpus(config)
+    device = _device(processes)
+    if checkpoint is None:
+        state = TrainingState.start(config, device)
+        metrics = []
+    else:
+        state = TrainingState.resume(config, device, checkpoint, out_dir / runs.CHECKPOINT)
+        metrics = [row for row in read_metrics(out_dir) if row["step"] <= state.step]
+    _make_writable(out_dir, processes.rank)
+    return _Run(config, out_dir, processes, device, corpus, state, metrics, resumed=checkpoint is not None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` hands back: the trained model (on its device), the logged rows, the folder."""
+
+    model: GPT
+    metrics: list[dict[str, Any]]
+    out_dir: Path
+    config: TrainConfig
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class _Progress:
+    """The progress bar of the main process, and the lines it prints between updates."""
+
+    def __init__(self, run: _Run, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.is_main = run.processes.is_main
+        self.shown = enabled and self.is_main
+        self.bar = tqdm(total=run.config.steps, initial=run.state.step, desc=run.label, unit="step",
+                        disable=not self.shown, dynamic_ncols=True)  # fmt: skip
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            (self.bar.write if self.shown else print)(message)
+
+
+def _metrics_row(run: _Run, used_lr: float, window: tuple[float, int], evaluate_now: bool) -> dict[str, Any]:
+    """The logged row after the current step; ``window`` is (when it opened, the step count then)."""
+    config, state = run.config, run.state
+    steps_in_window = state.step - window[1]
+    train_loss, grad_norm = state.close_window(run.processes.sum, run.processes.world_size)
+    seconds = time.perf_counter() - window[0]  # close_window waited for the device
+    row: dict[str, Any] = {
+        "step": state.step,
+        "train_loss": train_loss,
+        "val_loss": None,
+        "val_bpb": None,
+        "lr": used_lr,
+        "tokens": state.step * config.tokens_per_step,
+        "elapsed_s": None,
+        "tokens_per_s": steps_in_window * config.tokens_per_step / seconds,
+        "grad_norm": grad_norm,
+    }
+    if evaluate_now:
+        row["val_loss"] = evaluate(state.model, run.corpus, config, run.device, run.processes)
+        row["val_bpb"] = row["val_loss"] / math.log(2)  # one token is one byte
+    row["elapsed_s"] = state.elapsed()
+    return row
+
+
+def _summary(run: _Run, *, complete: bool, wall_time_s: float) -> dict[str, Any]:
+    config, metrics = run.config, run.metrics
+    speeds = [row["tokens_per_s"] for row in metrics if row.get("tokens_per_s")]
+    # The first window pays for compilation and warm-up; leave it out when there are others.
+    speeds = speeds[1:] if len(speeds) > 2 else speeds
+    evaluated = [row for row in metrics if row.get("val_loss") is not None]
+    last = evaluated[-1] if evaluated else {}
+    return {
+        "label": run_label(config),
+        "preset": config.preset,
+        "variant": config.variant,
+        "complete": complete,
+        "steps": run.state.step,
+        "tokens": run.state.step * config.tokens_per_step,
+        "parameters": run.state.model.num_parameters(),
+        "final_train_loss": metrics[-1]["train_loss"] if metrics else None,
+        "final_val_loss": last.get("val_loss"),
+        "final_val_bpb": last.get("val_bpb"),
+        "final_val_step": last.get("step"),
+        "tokens_per_s_median": statistics.median(speeds) if speeds else None,
+        "elapsed_s": round(run.state.elapsed(), 2),
+        "wall_time_s": round(wall_time_s, 2),
+        "device": _device_description(run.device, run.processes.world_size),
+        "world_size": run.processes.world_size,
+        "compile": config.compile,
+        "data": run.corpus.source,
+        "torch": str(torch.__version__),
+        "triton": _triton_version(),
+        "cuda": torch.version.cuda,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _write_summary(run: _Run, summary: dict[str, Any]) -> None:
+    if run.processes.is_main:
+        runs.write_json(run.out_dir / runs.SUMMARY, summary)
+        if run.metrics:
+            figure = plot_losses(run.metrics, f"{run.label}: loss")
+            runs.write_atomically(run.out_dir / runs.LOSS_PLOT, lambda path: figure.savefig(path, dpi=120,
+                                                                                           format="png"))
+
+
+def _finished_result(run: _Run) -> RunResult | None:
+    """A resumed run with nothing left to do, as it stands (nothing rewritten); None otherwise."""
+    summary_path = run.out_dir / runs.SUMMARY
+    if not run.resumed or run.state.step < run.config.steps or not summary_path.is_file():
+        return None
+    summary = runs.read_json(summary_path)
+    if run.processes.is_main:
+        print(f"{run.label}: {run.out_dir} already finished ({run.state.step} steps); nothing changed "
+              f"(a larger --steps trains on, --overwrite starts again)")  # fmt: skip
+    return RunResult(run.state.model, run.metrics, run.out_dir, run.config, summary)
+
+
+@contextlib.contextmanager
+def _process_group(processes: Processes, config: TrainConfig) -> Iterator[None]:
+    """Join torchrun's process group (unless the caller did) and set CPU threads, for the run's length."""
+    joined_here = processes.world_size > 1 and not torch.distributed.is_initialized()
+    if joined_here:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(processes.local_rank)
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    threads = torch.get_num_threads()
+    if config.cpu_threads is not None and not torch.cuda.is_available():
+        torch.set_num_threads(config.cpu_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if joined_here:
+            torch.distributed.destroy_process_group()
+
+
 def train(
     config: TrainConfig,
     out_dir: str | os.PathLike | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     after_step: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Train ``config`` into ``out_dir`` (default ``runs/<preset>-<label>``); see the module docstring.
 
-    ``resume=True`` continues from ``out_dir/checkpoint.pt``. ``after_step(step)`` is called after
-    every completed step (``step`` counts from 1); raising KeyboardInterrupt there behaves like
-    Ctrl-C: a checkpoint is saved and the KeyboardInterrupt goes on to the caller.
-    Under torchrun (WORLD_SIZE > 1 in the environment) it joins the process group itself.
+    ``resume=True`` continues from ``out_dir/checkpoint.pt``; a run that already finished is returned
+    as it is, nothing rewritten. A folder that holds a run is refused unless ``resume`` or
+    ``overwrite`` says what to do with it. ``after_step(step)`` is called after every completed step
+    (``step`` counts from 1); raising KeyboardInterrupt there behaves like Ctrl-C: a checkpoint is
+    saved and the KeyboardInterrupt goes on to the caller. Under torchrun (WORLD_SIZE > 1 in the
+    environment) it joins the process group itself.
+
+    Raises :class:`rbf_tutorial.runs.RunError` (a ValueError) before anything is written when the
+    folder, the checkpoint or the data cannot be used; the message says what to do.
     """
     validate_config(config)
+    boolean("resume", resume)
+    boolean("overwrite", overwrite)
+    if resume and overwrite:
+        raise ValueError("overwrite: resume=True continues the run in out_dir; overwrite=True replaces it")
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(config)
     processes = Processes.from_environment()
     if config.batch_size % processes.world_size:
@@ -545,276 +680,110 @@ def train(
             f"batch_size: {config.batch_size} sequences do not split evenly over "
             f"{processes.world_size} processes"
         )
-    check_out_dir(out_dir, resume=resume, rank=processes.rank)
-    checkpoint = None
-    if resume:
-        checkpoint = load_checkpoint(out_dir)
-        saved = TrainConfig.from_dict(checkpoint["config"])
-        differences = _config_differences(saved, config)
-        if differences:
-            raise ValueError(
-                f"resume: {out_dir} was trained with other settings ({'; '.join(differences)}); "
-                "pass the same options, or a new --out to start a new run"
-            )
-
-    joined_here = processes.world_size > 1 and not torch.distributed.is_initialized()
-    if joined_here:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(processes.local_rank)
-        torch.distributed.init_process_group(backend=backend)
-    threads = torch.get_num_threads()
-    if config.cpu_threads is not None and not torch.cuda.is_available():
-        torch.set_num_threads(config.cpu_threads)
-    try:
-        return _train(config, out_dir, checkpoint, processes, progress=progress, after_step=after_step)
-    finally:
-        torch.set_num_threads(threads)
-        if joined_here:
-            torch.distributed.destroy_process_group()
+    with _process_group(processes, config):
+        invocation_start = time.perf_counter()
+        run = _prepare(config, out_dir, processes, resume=resume, overwrite=overwrite)
+        if processes.world_size > 1:
+            torch.distributed.barrier()  # every process passed its checks before any file changes
+        finished = _finished_result(run)
+        if finished is not None:
+            return finished
+        return _train(run, invocation_start, progress=progress, after_step=after_step)
 
 
 def _train(
-    config: TrainConfig,
-    out_dir: Path,
-    checkpoint: dict[str, Any] | None,
-    processes: Processes,
-    *,
-    progress: bool,
-    after_step: Callable[[int], None] | None,
+    run: _Run, invocation_start: float, *, progress: bool, after_step: Callable[[int], None] | None
 ) -> RunResult:
-    from tqdm.auto import tqdm
-
-    invocation_start = time.perf_counter()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", processes.local_rank)
-        torch.set_float32_matmul_precision("high")  # TF32 for the few float32 matmuls left under autocast
-    else:
-        device = torch.device("cpu")
-    corpus = data.load_corpus(config.data)
-
-    torch.manual_seed(config.seed)  # the same initial weights in every process
-    raw_model = GPT(config.model).to(device)
-    optimizer = build_optimizer(raw_model, config, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
-
-    start_step, elapsed_before, pending_loss_sum, pending_grad_norm_sum, pending_count = 0, 0.0, 0.0, 0.0, 0
-    if checkpoint is not None:
-        raw_model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        start_step = int(checkpoint["step"])
-        elapsed_before = float(checkpoint["elapsed_s"])
-        pending_loss_sum = float(checkpoint["pending_loss_sum"])
-        pending_count = int(checkpoint["pending_count"])
-        pending_grad_norm_sum = float(checkpoint.get("pending_grad_norm_sum", 0.0))
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if TrainConfig.from_dict(checkpoint["config"]).steps != config.steps:
-            # Training longer (or shorter) than planned: the next step follows the new schedule.
-            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-                group["lr"] = base_lr * lr_factor(config, start_step)
-        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-
-    model: nn.Module = raw_model
+    config, state, processes, out_dir = run.config, run.state, run.processes, run.out_dir
+    if processes.is_main:
+        if not run.resumed:
+            for stale in runs.RUN_FILES:
+                (out_dir / stale).unlink(missing_ok=True)
+        runs.write_json(out_dir / runs.CONFIG, config.to_dict())
+        runs.write_jsonl(out_dir / runs.METRICS, run.metrics)
+    model: nn.Module = state.model
     if processes.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [run.device.index] if run.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids)
     if config.compile:
         # Wrapped first, compiled second: the compiler then splits graphs at DDP's gradient buckets,
         # so communication still overlaps the backward pass.
         model = torch.compile(model)
-
-    metrics = [row for row in read_metrics(out_dir) if row["step"] <= start_step] if checkpoint else []
-    label = f"{config.preset} {run_label(config)}"
-    if processes.is_main:
-        _write_json(out_dir / CONFIG, config.to_dict())
-        rows_text = "".join(json.dumps(row) + "\n" for row in metrics)
-        _write_atomically(out_dir / METRICS, lambda p: p.write_text(rows_text))
-        if checkpoint is None:
-            for stale in (CHECKPOINT, SUMMARY, LOSS_PLOT):
-                (out_dir / stale).unlink(missing_ok=True)
-    show = progress and processes.is_main
-    bar = tqdm(
-        total=config.steps, initial=start_step, desc=label, unit="step", disable=not show, dynamic_ncols=True
+    shown = _Progress(run, progress)
+    shown.say(
+        f"{run.label}: {state.model.num_parameters() / 1e6:.2f} M parameters, {run.corpus.source}, "
+        f"{_device_description(run.device, processes.world_size)}"
+        + (f"; resuming after step {state.step}" if run.resumed else "")
     )
-
-    def say(message: str) -> None:
-        if processes.is_main:
-            (bar.write if show else print)(message)
-
-    say(
-        f"{label}: {raw_model.num_parameters() / 1e6:.2f} M parameters, {corpus.source}, "
-        f"{_device_description(device, processes.world_size)}"
-        + (f"; resuming after step {start_step}" if checkpoint else "")
-    )
-
-    loop_start = time.perf_counter()
-    window_start = loop_start
-    window_steps = 0
-    pending_loss = torch.tensor(pending_loss_sum, device=device, dtype=torch.float32)
-    pending_grad_norm = torch.tensor(pending_grad_norm_sum, device=device, dtype=torch.float32)
-    completed = start_step
-
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - loop_start
-
-    def save_checkpoint() -> None:
-        if not processes.is_main:
-            return
-        state = {
-            "step": completed,
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            },
-            "config": config.to_dict(),
-            "elapsed_s": elapsed(),
-            "pending_loss_sum": pending_loss.item(),
-            "pending_count": pending_count,
-            "pending_grad_norm_sum": pending_grad_norm.item(),
-            "torch_version": str(torch.__version__),
-        }
-        _write_atomically(out_dir / CHECKPOINT, lambda p: torch.save(state, p))
-
-    def finish(complete: bool) -> dict[str, Any]:
-        speeds = [row["tokens_per_s"] for row in metrics if row.get("tokens_per_s")]
-        # The first window pays for compilation and warm-up; leave it out when there are others.
-        speeds = speeds[1:] if len(speeds) > 2 else speeds
-        evaluated = [row for row in metrics if row.get("val_loss") is not None]
-        summary = {
-            "label": run_label(config),
-            "preset": config.preset,
-            "variant": config.variant,
-            "complete": complete,
-            "steps": completed,
-            "tokens": completed * config.tokens_per_step,
-            "parameters": raw_model.num_parameters(),
-            "final_train_loss": metrics[-1]["train_loss"] if metrics else None,
-            "final_val_loss": evaluated[-1]["val_loss"] if evaluated else None,
-            "final_val_bpb": evaluated[-1]["val_bpb"] if evaluated else None,
-            "final_val_step": evaluated[-1]["step"] if evaluated else None,
-            "tokens_per_s_median": statistics.median(speeds) if speeds else None,
-            "elapsed_s": round(elapsed(), 2),
-            "wall_time_s": round(time.perf_counter() - invocation_start, 2),
-            "device": _device_description(device, processes.world_size),
-            "world_size": processes.world_size,
-            "compile": config.compile,
-            "data": corpus.source,
-            "torch": str(torch.__version__),
-            "triton": _triton_version(),
-            "cuda": torch.version.cuda,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        if processes.is_main:
-            _write_json(out_dir / SUMMARY, summary)
-            if metrics:
-                plot_losses(metrics, f"{label}: loss").savefig(out_dir / LOSS_PLOT, dpi=120)
-        return summary
-
-    autocast = _autocast(device)
+    autocast = _autocast(run.device)
     # Autograd runs CUDA backward nodes on a worker thread. The Triton kernel's backward is Python
     # (its launches), and handing it the interpreter there cost 0.26 ms per attention call on an
     # H100 (host time per forward + backward at N = 1024: 0.61 ms, against 0.35 ms on the calling
     # thread). One process runs backward on its own thread; DDP keeps autograd's default threading,
     # around which its gradient hooks were built.
     multithreaded_backward = processes.world_size > 1
+    max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+    window = (time.perf_counter(), state.step)  # when the logging window opened, and at which step
     model.train()
     try:
-        for step in range(start_step, config.steps):
+        for step in range(state.step, config.steps):
             inputs, targets = data.batch_at(
-                corpus.train,
-                step=step,
-                batch_size=config.batch_size,
-                context=config.model.context,
-                seed=config.seed,
-                rank=processes.rank,
-                world_size=processes.world_size,
-                device=device,
-            )
+                run.corpus.train, step=step, batch_size=config.batch_size, context=config.model.context,
+                seed=config.seed, rank=processes.rank, world_size=processes.world_size, device=run.device,
+            )  # fmt: skip
             with autocast:
                 _, loss = model(inputs, targets)
             with torch.autograd.set_multithreading_enabled(multithreaded_backward):
                 loss.backward()
-            # The global gradient norm before clipping, kept on the device (no sync) and averaged
-            # over the logging window: its trace shows how smooth early training is.
-            max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-            pending_grad_norm += torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm).float()
-            used_lr = optimizer.param_groups[0]["lr"]
+            # The global gradient norm before clipping, averaged over the logging window.
+            grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm)
+            used_lr = state.optimizer.param_groups[0]["lr"]
             with _interrupts_deferred():
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                pending_loss += loss.detach().float()
-                pending_count += 1
-                window_steps += 1
-                completed = step + 1
-
-            last = completed == config.steps
-            evaluate_now = completed % config.eval_every == 0 or last
-            if completed % config.log_every == 0 or evaluate_now:
-                train_loss_sum = _all_reduce_sum(pending_loss.clone(), processes)
-                train_loss = train_loss_sum.item() / processes.world_size / pending_count
-                seconds = time.perf_counter() - window_start  # .item() above waited for the device
-                tokens_per_s = window_steps * config.tokens_per_step / seconds
-                row: dict[str, Any] = {
-                    "step": completed,
-                    "train_loss": train_loss,
-                    "val_loss": None,
-                    "val_bpb": None,
-                    "lr": used_lr,
-                    "tokens": completed * config.tokens_per_step,
-                    "elapsed_s": None,
-                    "tokens_per_s": tokens_per_s,
-                    # This process's gradients: after DDP's all-reduce they are the same everywhere.
-                    "grad_norm": pending_grad_norm.item() / pending_count,
-                }
-                if evaluate_now:
-                    row["val_loss"] = evaluate(raw_model, corpus, config, device, processes)
-                    row["val_bpb"] = row["val_loss"] / math.log(2)  # one token is one byte
-                row["elapsed_s"] = elapsed()
-                metrics.append(row)
+                state.optimizer.step()
+                state.scheduler.step()
+                state.optimizer.zero_grad(set_to_none=True)
+                state.add_step(loss, grad_norm)
+            last = state.step == config.steps
+            evaluate_now = state.step % config.eval_every == 0 or last
+            if state.step % config.log_every == 0 or evaluate_now:
+                row = _metrics_row(run, used_lr, window, evaluate_now)
+                run.metrics.append(row)
                 if processes.is_main:
-                    with open(out_dir / METRICS, "a") as file:
-                        file.write(json.dumps(row) + "\n")
-                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                    runs.append_jsonl(out_dir / runs.METRICS, row)
+                shown.bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}",
+                                      refresh=False)  # fmt: skip
                 if evaluate_now:
-                    say(
-                        f"step {completed}/{config.steps}: train {train_loss:.4f}, val {row['val_loss']:.4f} "
-                        f"nats ({row['val_bpb']:.4f} bits per byte), {tokens_per_s:,.0f} tokens/s"
+                    shown.say(
+                        f"step {state.step}/{config.steps}: train {row['train_loss']:.4f}, val "
+                        f"{row['val_loss']:.4f} nats ({row['val_bpb']:.4f} bits per byte), "
+                        f"{row['tokens_per_s']:,.0f} tokens/s"
                     )
-                pending_loss.zero_()
-                pending_grad_norm.zero_()
-                pending_count = 0
-                window_steps = 0
-                window_start = time.perf_counter()
-            if completed % config.checkpoint_every == 0 or last:
-                save_checkpoint()
-            bar.update(1)
+                window = (time.perf_counter(), state.step)
+            if processes.is_main and (state.step % config.checkpoint_every == 0 or last):
+                state.save(out_dir / runs.CHECKPOINT, config)
+            shown.bar.update(1)
             if after_step is not None:
-                after_step(completed)
+                after_step(state.step)
     except KeyboardInterrupt:
-        save_checkpoint()
-        finish(complete=False)
-        bar.close()
-        say(f"interrupted after step {completed}; checkpoint saved in {out_dir} (continue with --resume)")
+        if processes.is_main:
+            state.save(out_dir / runs.CHECKPOINT, config)
+        _write_summary(run, _summary(run, complete=False, wall_time_s=time.perf_counter() - invocation_start))
+        shown.bar.close()
+        shown.say(f"interrupted after step {state.step}; checkpoint saved in {out_dir}; --resume continues")
         raise
-    bar.close()
-    if completed == start_step and processes.is_main and checkpoint is not None:
-        save_checkpoint()  # nothing left to do: still leave a checkpoint and an up-to-date summary
-    summary = finish(complete=True)
+    shown.bar.close()
+    summary = _summary(run, complete=True, wall_time_s=time.perf_counter() - invocation_start)
+    _write_summary(run, summary)
     if summary["final_val_loss"] is not None:
-        say(
-            f"{label}: final val loss {summary['final_val_loss']:.4f} nats "
+        shown.say(
+            f"{run.label}: final val loss {summary['final_val_loss']:.4f} nats "
             f"({summary['final_val_bpb']:.4f} bits per byte), median "
             f"{summary['tokens_per_s_median'] or 0:,.0f} tokens/s, {summary['elapsed_s']:.1f} s; "
             f"wrote {out_dir}"
         )
-    return RunResult(model=raw_model, metrics=metrics, out_dir=out_dir, config=config, summary=summary)
+    return RunResult(model=state.model, metrics=run.metrics, out_dir=out_dir, config=config, summary=summary)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -879,6 +848,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/<preset>-<variant>)")
     parser.add_argument("--resume", action="store_true", help="continue from --out's checkpoint.pt")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in --out (default: refuse)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar; a line per evaluation")
     return parser
 
@@ -914,7 +886,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
         raise ValueError(f"--preset: choose one of {', '.join(TRAIN_PRESETS)} (or --resume with --out)")
     if args.out is None:
         raise ValueError("--out: --resume without --preset needs the run folder")
-    saved = TrainConfig.from_dict(load_checkpoint(args.out)["config"])
+    path = args.out / runs.CHECKPOINT
+    saved = _saved_config(read_checkpoint(path), path)
     if args.variant is not None:
         saved.model = dataclasses.replace(saved.model, **VARIANTS[args.variant])
         saved.variant = args.variant
@@ -927,16 +900,25 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
-    """Train from the command line; returns the exit status (130 after Ctrl-C, checkpoint saved)."""
+    """Train from the command line; returns the exit status (130 after Ctrl-C, checkpoint saved).
+
+    Options that cannot work, and folders, checkpoints or data that cannot be used, end it with one
+    line saying what to do and exit status 2, before anything is written.
+    """
     parser = build_parser(prog)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.resume and args.overwrite:
+        parser.error("--overwrite: --resume continues the run in --out, --overwrite replaces it; pick one")
     try:
         config, out_dir = config_from_args(args)
-        check_out_dir(out_dir, resume=args.resume, rank=Processes.from_environment().rank)
+    except RunError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     except (TypeError, ValueError) as error:
         parser.error(str(error))
     try:
-        train(config, out_dir, resume=args.resume, progress=not args.no_progress)
+        train(config, out_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except RunError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     except KeyboardInterrupt:
         return 130
     return 0

@@ -14,18 +14,17 @@ value is zero has no direction to remove; there ``z_i = y_i``, with finite gradi
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
-from . import backends
-from .attention import rbf_attention, resolve_backend, validate_inputs
+from .arguments import number
 
-__all__ = ["exclusive", "exclusive_attention", "own_values", "similarity"]
+__all__ = ["FUSED_VALUE_EPS", "check_own_values", "exclusive", "exclusive_attention", "own_values",
+           "similarity"]
 
 # The fused kernel leaves outputs whose own value has |v|^2 at or below this unchanged (fp32's
-# square root of the smallest normal number); the unfused route uses the same threshold, so both
-# routes agree even for vanishing values.
+# square root of the smallest normal number); rbf_attention(..., exclusive=True) uses the same
+# threshold on every other backend, so all routes agree even for vanishing values.
 FUSED_VALUE_EPS = math.sqrt(torch.finfo(torch.float32).tiny)
 
 
@@ -71,12 +70,7 @@ def exclusive(y: torch.Tensor, v: torch.Tensor, eps: float | None = None) -> tor
     """
     _check_pair(y, v)
     work_dtype = _work_dtype(y.dtype)
-    if eps is None:
-        eps = math.sqrt(torch.finfo(work_dtype).tiny)
-    elif isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps: expected None or a non-negative number, got {type(eps).__name__}")
-    elif not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps: expected a non-negative finite number, got {eps!r}")
+    eps = math.sqrt(torch.finfo(work_dtype).tiny) if eps is None else number("eps", eps, low=0.0)
 
     y_work, v_work = y.to(work_dtype), v.to(work_dtype)
     along = (y_work * v_work).sum(dim=-1, keepdim=True)
@@ -108,6 +102,15 @@ def similarity(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return cosine.clamp(-1.0, 1.0).to(y.dtype)
 
 
+def check_own_values(n_queries: int, n_keys: int) -> None:
+    """ValueError unless every query has its own key: exclusive self attention needs ``Nk >= Nq``."""
+    if n_keys < n_queries:
+        raise ValueError(
+            f"k: exclusive self attention needs at least as many keys as queries (query i's own "
+            f"value is key i + Nk - Nq), got Nq={n_queries}, Nk={n_keys}"
+        )
+
+
 def own_values(v: torch.Tensor, n_queries: int) -> torch.Tensor:
     """Each query's own value: ``v[..., i + Nk - Nq, :]`` for query ``i``, shape ``(B, H, Nq, Dv)``.
 
@@ -115,11 +118,7 @@ def own_values(v: torch.Tensor, n_queries: int) -> torch.Tensor:
     each, and any keys in front of them (register tokens) belong to nobody.
     """
     n_keys = v.shape[-2]
-    if n_keys < n_queries:
-        raise ValueError(
-            f"k: exclusive self attention needs at least as many keys as queries (query i's own "
-            f"value is key i + Nk - Nq), got Nq={n_queries}, Nk={n_keys}"
-        )
+    check_own_values(n_queries, n_keys)
     return v[..., n_keys - n_queries :, :]
 
 
@@ -132,19 +131,8 @@ def exclusive_attention(
     scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """RBF attention with exclusive self attention: each output minus its part along its own value.
+    """``rbf_attention(q, k, v, ..., exclusive=True)``: RBF attention, each output minus its part
+    along its own value (see :func:`rbf_tutorial.rbf_attention` for the arguments)."""
+    from .attention import rbf_attention  # attention imports this module
 
-    ``z_i = y_i - (y_i . u_i / |u_i|^2) u_i`` with ``y = rbf_attention(q, k, v)`` and ``u_i`` query
-    ``i``'s own value (:func:`own_values`: key ``i + Nk - Nq``, so registers prepended in front of
-    the keys are never anyone's own). Arguments as :func:`rbf_tutorial.rbf_attention`; needs
-    ``Nk >= Nq``. The ``"triton"`` backend (which ``"auto"`` picks on a GPU) does the projection in
-    the kernel's epilogue, forward and backward; every other backend runs attention, then
-    :func:`exclusive`.
-    """
-    validate_inputs(q, k, v, causal=causal, scale=scale, backend=backend)
-    own = own_values(v, q.shape[-2])
-    if resolve_backend(backend, q, v) == "triton":
-        scale = backends.default_scale(q.shape[-1]) if scale is None else float(scale)
-        return backends.triton_attention(q, k, v, causal=causal, scale=scale, exclusive=True)
-    y = rbf_attention(q, k, v, causal=causal, scale=scale, backend=backend)
-    return exclusive(y, own, eps=FUSED_VALUE_EPS)
+    return rbf_attention(q, k, v, causal=causal, scale=scale, backend=backend, exclusive=True)

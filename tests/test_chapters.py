@@ -1,9 +1,10 @@
 """Every chapter, executed top to bottom the way a learner's notebook runs.
 
-chapters/NN_topic.py (jupytext percent format) is converted to build/chapters/NN_topic.ipynb and run
-by nbmake's runner in a fresh kernel: one test per chapter. After the run the notebook in build/
-holds the outputs, to look at when a chapter misbehaves. A failure names the failing cell and shows
-its source and traceback.
+chapters/NN_topic.py (or NNa_topic.py, a chapter in parts; jupytext percent format) is converted to
+build/chapters/NN_topic.ipynb and run by nbmake's runner in a fresh kernel: one test per chapter. This
+is the one run of each chapter with its solutions (tests/test_assignments.py runs the student version).
+After the run the notebook in build/ holds the outputs, to look at when a chapter misbehaves. A failure
+names the failing cell and shows its source and traceback.
 
 Cells tagged `raises-exception` may fail (the chapter shows a failure on purpose); cells tagged
 `skip-execution` are not run.
@@ -26,7 +27,9 @@ from nbmake.nb_run import NotebookRun
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS_DIR = REPO_ROOT / "chapters"
 BUILD_DIR = REPO_ROOT / "build" / "chapters"
-CHAPTERS = sorted(CHAPTERS_DIR.glob("[0-9][0-9]_*.py"))
+# "03_triton_kernel.py", and chapters in parts: "03a_triton_forward.py", "03b_triton_backward.py".
+CHAPTER_GLOB = "[0-9][0-9]*_*.py"
+CHAPTERS = sorted(CHAPTERS_DIR.glob(CHAPTER_GLOB))
 
 # Per cell, as nbmake counts it. Chapters take seconds on a CPU; this only stops a hung kernel.
 CELL_TIMEOUT_S = int(os.environ.get("RBF_TUTORIAL_CELL_TIMEOUT", "600"))
@@ -86,3 +89,5 @@ def test_chapter_runs_top_to_bottom(chapter: Path, chapter_build_dir: Path, reco
 
 def test_there_are_chapters() -> None:
     assert CHAPTERS, f"no chapters found in {CHAPTERS_DIR} (expected files named NN_topic.py)"
+    for chapter in CHAPTERS:
+        assert re.fullmatch(r"\d\d[a-z]?_\w+\.py", chapter.name), f"unexpected chapter name {chapter.name}"

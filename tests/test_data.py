@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rbf_tutorial import data
+from rbf_tutorial import data, runs
 from rbf_tutorial.data import (
     IGNORE_INDEX,
     ByteCorpus,
@@ -150,9 +150,9 @@ def test_interrupted_cache_write_leaves_nothing_behind(tmp_path, monkeypatch):
     def interrupted(source, destination):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data.os, "replace", interrupted)
+    monkeypatch.setattr(runs.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        data._write_atomically(target, b"some bytes")
+        runs.write_atomically(target, b"some bytes")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -9,11 +9,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from kernel_device import kernel_on_cpu_tensors
+from kernel_device import _kernel_importable, kernel_on_cpu_tensors
 
 from rbf_tutorial import xsa
 from rbf_tutorial.model import GPT, MODEL_PRESETS, AttentionCapture, ModelConfig
 from rbf_tutorial.reference import causal_visibility
+from rbf_tutorial.train import VARIANTS as TRAIN_VARIANTS
 
 # Small enough that all variants together take seconds on two CPU cores.
 TINY = ModelConfig(vocab_size=32, context=12, d_model=16, n_layers=2, n_heads=2)
@@ -286,3 +287,39 @@ def test_qk_norm_and_scale_factor_reach_the_scores(attention):
         torch.testing.assert_close(layer.k.norm(dim=-1), expected_norm, atol=1e-3, rtol=1e-3)
         weights = model.attention_weights(layer)
         torch.testing.assert_close(weights @ layer.v, layer.y, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.compile: one graph per model, whatever the variant
+
+
+def _compiles_in_one_graph(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> None:
+    """fullgraph=True makes any graph break an error; the compiled model must also compute the same."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    logits, loss = compiled(idx, targets)
+    expected_logits, expected_loss = model(idx, targets)
+    torch.testing.assert_close(logits, expected_logits)
+    torch.testing.assert_close(loss, expected_loss)
+
+
+@pytest.mark.parametrize("variant", list(TRAIN_VARIANTS))
+def test_every_training_variant_compiles_without_graph_breaks(variant):
+    settings = dict(TRAIN_VARIANTS[variant])
+    if settings["attention"] == "rbf":
+        settings["backend"] = "matmul"  # what "auto" resolves to on a CPU, named outright
+    torch.manual_seed(0)
+    model = GPT(replace(TINY, n_layers=1, **settings))
+    perturb_registers(model)
+    _compiles_in_one_graph(model, random_tokens(2, TINY.context), random_tokens(2, TINY.context, seed=3))
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_xsa_variant_compiles_without_graph_breaks_on_auto_and_triton(backend):
+    if backend == "triton" and (torch.cuda.is_available() or not _kernel_importable()):
+        pytest.skip("the Triton kernel on CPU tensors runs through the interpreter only without a GPU")
+    torch.manual_seed(0)
+    settings = {**TRAIN_VARIANTS["rbf-susie-reg-xsa"], "backend": backend}
+    model = GPT(replace(TINY, n_layers=1, context=8, **settings))
+    perturb_registers(model)
+    _compiles_in_one_graph(model, random_tokens(1, 8), random_tokens(1, 8, seed=3))

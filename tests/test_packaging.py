@@ -131,7 +131,9 @@ def test_wheel_contains_every_module_and_the_kernels(built_wheel: Path) -> None:
     assert not missing, (
         f"the wheel lacks {missing}: add each new sub-package to [tool.setuptools] packages in pyproject.toml"
     )
-    assert "rbf_tutorial/jupyter_config/labconfig/default_setting_overrides.json" in names
+    for config in ("labconfig/default_setting_overrides.json", "labconfig/page_config.json",
+                   "jupyter_server_config.d/rbf-tutorial.json"):
+        assert f"rbf_tutorial/jupyter_config/{config}" in names, config
 
 
 @pytest.mark.slow
@@ -229,16 +231,86 @@ def test_doctor_names_the_fix_for_a_missing_triton(monkeypatch, capsys) -> None:
 def test_forwarded_commands_receive_their_arguments_verbatim(monkeypatch) -> None:
     received = []
     fake_bench = types.ModuleType("rbf_tutorial.bench")
-    fake_bench.main = lambda argv: received.append(argv) or 0
+    fake_bench.main = lambda argv, prog: received.append((argv, prog)) or 0
     monkeypatch.setitem(sys.modules, "rbf_tutorial.bench", fake_bench)
     assert cli.main(["bench", "--help", "--seq-lens", "1024", "4096", "-x"]) == 0
-    assert received == [["--help", "--seq-lens", "1024", "4096", "-x"]]
+    assert received == [(["--help", "--seq-lens", "1024", "4096", "-x"], "rbf-tutorial bench")]
 
 
-def test_forwarded_command_without_its_module_says_so(monkeypatch, capsys) -> None:
-    monkeypatch.setitem(cli.FORWARDED_COMMANDS, "bench", ("rbf_tutorial._not_written_yet", "placeholder"))
-    assert cli.main(["bench"]) == 2
-    assert "not part of this version" in capsys.readouterr().err
+def test_version_names_the_package_version(capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["--version"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out.strip() == f"rbf-tutorial {importlib.metadata.version('rbf-tutorial')}"
+
+
+def test_help_is_quiet_and_imports_no_torch() -> None:
+    """`rbf-tutorial --help` prints the commands and nothing else: no interpreter notice, and (where no
+    GPU device exists, so that none has to be asked for) no torch import, which took seconds."""
+    from rbf_tutorial import runtime
+
+    script = (
+        "import sys\n"
+        "from rbf_tutorial import cli\n"
+        "try:\n    cli.main(['--help'])\nexcept SystemExit as stop:\n    assert stop.code == 0\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == "", f"--help wrote to stderr: {run.stderr!r}"
+    for command in ("doctor", "lab", "bench", "train", "compare", "assignments"):
+        assert command in run.stdout
+    if runtime._no_gpu_device_file():
+        assert "torch imported: False" in run.stdout, run.stdout
+
+
+def test_interpreter_notice_comes_once_with_the_first_kernel() -> None:
+    """Importing the package and running pure-torch attention say nothing; the first Triton kernel says
+    (once) that it runs through the interpreter. Only where this package switched the interpreter on."""
+    from rbf_tutorial import runtime
+
+    if runtime.gpu_available() or not runtime.triton_installed():
+        pytest.skip("the notice belongs to machines where rbf_tutorial switches the interpreter on itself")
+    script = (
+        "import sys, torch\n"
+        "import rbf_tutorial\n"
+        "q = torch.randn(1, 1, 5, 16)\n"
+        "rbf_tutorial.rbf_attention(q, q, q, backend='matmul')\n"
+        "sys.stderr.write('after matmul\\n')\n"
+        "for _ in range(2):\n    rbf_tutorial.rbf_attention(q, q, q, backend='triton')\n"
+        "sys.stderr.write('after triton\\n')\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env=environment)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert lines[0] == "after matmul" and lines[-1] == "after triton", lines
+    assert len(lines) == 3 and "CPU interpreter" in lines[1], lines
+
+
+def test_lab_config_switches_off_every_nbgrader_extension() -> None:
+    """An installed nbgrader enables its server and JupyterLab extensions in every JupyterLab; the
+    configuration `rbf-tutorial lab` puts first on JUPYTER_CONFIG_PATH switches them all off."""
+    from jupyter_core.paths import jupyter_config_path
+    from jupyter_server.extension.config import ExtensionConfigManager
+
+    environment = cli.lab_environment()
+    previous = os.environ.get("JUPYTER_CONFIG_PATH")
+    os.environ["JUPYTER_CONFIG_PATH"] = environment["JUPYTER_CONFIG_PATH"]
+    try:
+        paths = jupyter_config_path()
+    finally:
+        if previous is None:
+            del os.environ["JUPYTER_CONFIG_PATH"]
+        else:
+            os.environ["JUPYTER_CONFIG_PATH"] = previous
+    assert paths[0] == str(cli.JUPYTER_CONFIG_DIR)
+    extensions = ExtensionConfigManager(read_config_path=paths).get_jpserver_extensions()
+    enabled = sorted(name for name, on in extensions.items() if on and name.startswith("nbgrader"))
+    assert not enabled, f"nbgrader server extensions still enabled in `rbf-tutorial lab`: {enabled}"
+    page_config = json.loads((cli.JUPYTER_CONFIG_DIR / "labconfig" / "page_config.json").read_text())
+    assert page_config["disabledExtensions"].get("@jupyter/nbgrader") is True
 
 
 def test_lab_command_points_at_the_chapters_and_the_shipped_settings(tmp_path, capsys) -> None:
@@ -350,20 +422,32 @@ def test_jupyterlab_started_by_the_cli_opens_and_saves_chapters_cleanly(tmp_path
         jupytext_plugins = [name for name in plugin_ids if name.startswith("jupyterlab-jupytext")]
         assert jupytext_plugins, f"jupytext's JupyterLab extension is not loaded: {sorted(plugin_ids)}"
 
-        # Saving through JupyterLab must honour jupytext.toml: percent format, a header holding the
-        # kernelspec and nothing else (no language_info, no jupytext versions), no outputs.
+        # nbgrader's JupyterLab extension is switched off for the learner's session (its server
+        # extensions too: the log below never mentions nbgrader).
+        with urllib.request.urlopen(f"{base}/lab?token={token}", timeout=10) as response:
+            page = response.read().decode()
+        page_data = re.search(r'<script id="jupyter-config-data" type="application/json">(.*?)</script>',
+                              page, re.DOTALL)  # fmt: skip
+        assert page_data, "JupyterLab's page carries no jupyter-config-data"
+        disabled = json.loads(page_data.group(1)).get("disabledExtensions", [])
+        assert "@jupyter/nbgrader" in disabled, disabled
+
+        # Saving through JupyterLab must honour jupytext.toml: percent format, a header holding only
+        # the kernelspec, no outputs.
         probe_url = f"{base}/api/contents/chapters/99_probe.py"
         _request_json(probe_url, token, "PUT", SAVED_NOTEBOOK)
         saved = (chapters / "99_probe.py").read_text()
-        header, _, body = saved.partition("# ---\n\n")
-        assert header.startswith("# ---\n# jupyter:\n#   kernelspec:\n"), f"header:\n{saved}"
+        header, separator, body = saved.partition("# ---\n\n")
+        assert separator and header.startswith("# ---\n# jupyter:\n#   kernelspec:"), saved
         assert body.startswith("# %% [markdown]"), f"saved in another format:\n{saved}"
-        assert '# %% tags=["raises-exception"]' in body, saved
+        assert '# %% tags=["raises-exception"]' in saved, saved
         for leaked in ("language_info", "jupytext_version", "scrolled", "execution_count", "stdout"):
             assert leaked not in saved, f"{leaked!r} was saved into the chapter:\n{saved}"
         _request_json(probe_url, token, "DELETE")
     finally:
         stop_server(server)
+    log = log_path.read_text()
+    assert "nbgrader" not in log.lower(), f"nbgrader's server extensions ran in the lab:\n{log[-3000:]}"
     # Deleting the probe leaves JupyterLab's (git-ignored) checkpoints folder; anything else is a leak.
     left_behind = sorted(
         path.relative_to(project).as_posix()

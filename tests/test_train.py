@@ -21,6 +21,7 @@ from rbf_tutorial import cli, data
 from rbf_tutorial import train as training
 from rbf_tutorial.model import GPT
 from rbf_tutorial.train import VARIANTS, lr_factor, make_config, train
+from rbf_tutorial.training_state import build_optimizer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -125,7 +126,7 @@ def test_schedule_warms_up_then_decays_to_min_lr(corpus_file):
 def test_weight_decay_spares_embeddings_norms_and_biases(corpus_file):
     config = tiny(corpus_file, "rbf-susie-reg")
     model = GPT(config.model)
-    decayed, undecayed = training.build_optimizer(model, config, torch.device("cpu")).param_groups
+    decayed, undecayed = build_optimizer(model, config, torch.device("cpu")).param_groups
     assert decayed["weight_decay"] == config.weight_decay and undecayed["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decayed["params"])
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
@@ -281,3 +282,101 @@ def test_resume_refuses_other_settings(corpus_file, tmp_path):
 def test_forwarded_commands_are_listed():
     assert cli.FORWARDED_COMMANDS["train"][0] == "rbf_tutorial.train"
     assert cli.FORWARDED_COMMANDS["compare"][0] == "rbf_tutorial.compare"
+
+
+# ---------------------------------------------------------------------------------------------------
+# a first run with careless inputs: one line saying what to do, exit status 2, nothing written
+
+
+def _refused(capsys, argv) -> str:
+    """The command's stderr, after checking it ended with status 2 and said one line."""
+    with pytest.raises(SystemExit) as stopped:
+        training.main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, f"expected one line, got:\n{err}"
+    return err
+
+
+def _tiny_options(corpus_file: Path, out: Path) -> list[str]:
+    options = "--preset smoke --steps 2 --batch-size 4 --log-every 1 --eval-every 2 --no-progress".split()
+    return [*options, "--data", str(corpus_file), "--out", str(out)]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_a_folder_holding_a_run_is_not_overwritten_without_asking(corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert training.main(_tiny_options(corpus_file, out)) == 0
+    before = _snapshot(out)
+    err = _refused(capsys, _tiny_options(corpus_file, out))
+    assert "already holds a run (finished after 2 steps)" in err
+    assert "--resume" in err and "--overwrite" in err
+    assert _snapshot(out) == before
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(tiny(corpus_file, steps=2), out, progress=False)
+    assert _snapshot(out) == before
+
+    # Asked to, it replaces the run: a new one with other settings, no file of the old one left over.
+    assert training.main([*_tiny_options(corpus_file, out), "--steps", "3", "--overwrite"]) == 0
+    assert [row["step"] for row in training.read_metrics(out)] == [1, 2, 3]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    assert "--overwrite" in _cli_error(capsys, [*_tiny_options(corpus_file, out), "--resume", "--overwrite"])
+
+
+def test_resuming_a_finished_run_changes_nothing(corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = train(tiny(corpus_file, steps=2), out, progress=False)
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert training.main(["--out", str(out), "--resume", "--no-progress"]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert _snapshot(out) == before  # summary.json's wall time and date included
+    again = train(tiny(corpus_file, steps=2), out, resume=True, progress=False)
+    assert _snapshot(out) == before
+    assert again.summary == first.summary and again.metrics == first.metrics
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(tensor, again.model.state_dict()[name]), name
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: b"",  # empty
+        lambda data: data[: len(data) // 2],  # truncated: a crash while copying
+        lambda data: data[:100],  # only the start of the zip archive
+        lambda data: bytes(range(256)) * 8,  # garbage
+    ],
+    ids=["empty", "half", "header-only", "garbage"],
+)
+def test_a_damaged_checkpoint_is_named_with_what_to_do(damage, corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny(corpus_file, steps=2, checkpoint_every=1), out, progress=False)
+    checkpoint = out / "checkpoint.pt"
+    checkpoint.write_bytes(damage(checkpoint.read_bytes()))
+    before = _snapshot(out)
+    for argv in (["--out", str(out), "--resume"], [*_tiny_options(corpus_file, out), "--resume"]):
+        err = _refused(capsys, argv)
+        assert str(checkpoint) in err and "--overwrite" in err, err
+        assert "Traceback" not in err
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "holds 0 byte"),
+        (bytes(range(128, 256)) * 40, "not UTF-8 text"),  # a binary file
+        (b"print(1)\n", "fewer than one window"),  # text, but shorter than the model's context
+    ],
+    ids=["empty", "binary", "too-short"],
+)
+def test_a_bad_data_file_is_named_and_no_run_folder_is_left(content, message, tmp_path, capsys):
+    data_file = tmp_path / "corpus.bin"
+    data_file.write_bytes(content)
+    out = tmp_path / "run"
+    err = _refused(capsys, [*_tiny_options(data_file, out)])
+    assert message in err and str(data_file.name) in err, err
+    assert not out.exists(), f"a failed start left {sorted(p.name for p in out.iterdir())} in {out}"

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rbf_tutorial.xsa import exclusive, similarity
+from rbf_tutorial import rbf_attention
+from rbf_tutorial.reference import rbf_attention_reference
+from rbf_tutorial.xsa import exclusive, exclusive_attention, similarity
 
 
 def random_pair(shape=(2, 3, 7, 16), dtype=torch.float64, seed=0, requires_grad=False):
@@ -126,3 +128,35 @@ def test_bad_input_is_named(call, error, name):
     y, v = random_pair(seed=9)
     with pytest.raises(error, match=f"^{name}: "):
         call(y, v)
+
+
+# ---------------------------------------------------------------------------------------------------
+# rbf_attention(..., exclusive=True): attention and XSA through the one entry point
+
+
+@pytest.mark.parametrize("backend", ["naive", "matmul", "sdpa", "auto"])
+@pytest.mark.parametrize(("n_queries", "n_keys", "causal"), [(5, 5, True), (3, 8, True), (4, 7, False)])
+def test_exclusive_attention_is_attention_then_xsa_on_the_own_values(backend, n_queries, n_keys, causal):
+    generator = torch.Generator().manual_seed(n_queries * 10 + n_keys)
+    q, k = (torch.randn(2, 3, n, 12, generator=generator, dtype=torch.float64) for n in (n_queries, n_keys))
+    v = torch.randn(2, 3, n_keys, 10, generator=generator, dtype=torch.float64)  # Dv != D on purpose
+    z = rbf_attention(q, k, v, causal=causal, backend=backend, exclusive=True)
+    y = rbf_attention_reference(q, k, v, causal=causal)
+    own = v[..., n_keys - n_queries :, :]  # query i's own value is key i + Nk - Nq
+    torch.testing.assert_close(z, exclusive(y, own), atol=1e-12, rtol=1e-10)
+    assert relative_overlap(z, y, own).max() < 1e-12
+    torch.testing.assert_close(exclusive_attention(q, k, v, causal=causal, backend=backend), z)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda q, k: rbf_attention(q, k[..., :3, :], k[..., :3, :], exclusive=True), ValueError,
+         "^k: exclusive self attention needs"),
+        (lambda q, k: rbf_attention(q, k, k, exclusive=1), TypeError, "^exclusive: expected a bool"),
+    ],
+)
+def test_exclusive_argument_is_checked(call, error, message):
+    q = torch.randn(1, 1, 5, 8)
+    with pytest.raises(error, match=message):
+        call(q, torch.randn(1, 1, 6, 8))
