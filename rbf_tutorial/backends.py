@@ -33,8 +33,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import flex_attention as torch_flex
-from torch.nn.attention.bias import causal_lower_right
 
 from . import runtime
 from .reference import causal_softmax, causal_visibility
@@ -229,7 +227,11 @@ def sdpa_padded_attention(
     k_padded = F.pad(torch.cat([k, key_columns], dim=-1), (0, width - head_dim - extra))
     v_padded = F.pad(v, (0, width - value_dim))
 
-    mask = causal_lower_right(q.shape[-2], k.shape[-2]) if causal else None
+    mask = None
+    if causal:
+        from torch.nn.attention.bias import causal_lower_right  # imports the compiler: only when used
+
+        mask = causal_lower_right(q.shape[-2], k.shape[-2])
     out = F.scaled_dot_product_attention(q_padded, k_padded, v_padded, attn_mask=mask, scale=2.0 * scale)
     return out[..., :value_dim]
 
@@ -259,12 +261,20 @@ def sdpa_attention(
 # ---------------------------------------------------------------------------------------------
 
 
+def _torch_flex():
+    # Imported on first use: FlexAttention pulls in the compiler stack (about 1.5 s), which every
+    # other route and every command-line `--help` can do without.
+    from torch.nn.attention import flex_attention as torch_flex
+
+    return torch_flex
+
+
 @functools.cache
 def _compiled_flex() -> Callable[..., torch.Tensor]:
     # As FlexAttention's own documentation uses it: compiled once per process, with static shapes
     # (dynamic=False), so each new shape compiles a kernel specialised to it (torch.compile caches
     # them) instead of a slower kernel generic over sequence length.
-    return torch.compile(torch_flex.flex_attention, dynamic=False)
+    return torch.compile(_torch_flex().flex_attention, dynamic=False)
 
 
 def _eager_flex(*args, **kwargs) -> torch.Tensor:
@@ -272,18 +282,18 @@ def _eager_flex(*args, **kwargs) -> torch.Tensor:
     # the warning would only be noise in a notebook.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return torch_flex.flex_attention(*args, **kwargs)
+        return _torch_flex().flex_attention(*args, **kwargs)
 
 
 @functools.lru_cache(maxsize=32)
-def _causal_block_mask(query_len: int, key_len: int, device: str) -> torch_flex.BlockMask:
+def _causal_block_mask(query_len: int, key_len: int, device: str):
     """Block mask for bottom-right causal attention; cached because building it costs a pass."""
     offset = key_len - query_len
 
     def bottom_right_causal(batch, head, query_index, key_index):
         return key_index <= query_index + offset
 
-    return torch_flex.create_block_mask(
+    return _torch_flex().create_block_mask(
         bottom_right_causal, B=None, H=None, Q_LEN=query_len, KV_LEN=key_len, device=device
     )
 
