@@ -424,9 +424,9 @@ print(f"SDPA + padded, split norms: relative error {split_error:.2e}")
 #
 # - R. Pisoni, *Scaled RBF Attention: Trading Dot Products for Euclidean Distance*
 #   (https://pisoni.ai/posts/scaled-rbf-attention/) and https://github.com/4rtemi5/rbf_attention:
-#   the expansion $-\lVert q-k\rVert^2 = -\lVert q\rVert^2 + 2q\cdot k - \lVert k\rVert^2$, the
-#   observation that softmax drops the query term and leaves a key-norm penalty, and the remark that
-#   SDPA can only be made to do it by padding the head dimension.
+#   the expansion $-\lVert q-k\rVert^2 = -\lVert q\rVert^2 + 2q\cdot k - \lVert k\rVert^2$ and the
+#   observation that softmax drops the query term, leaving dot-product attention with a built-in
+#   penalty on the key norms.
 # - PyTorch, `torch.nn.functional.scaled_dot_product_attention`
 #   (https://pytorch.org/docs/stable/generated/torch.nn.functional.scaled_dot_product_attention.html):
 #   the fused routine both routes go through, its `attn_mask` and `scale` arguments, and its
