@@ -259,10 +259,10 @@ for b, h in [(1, 1), (1, 16), (4, 16)]:
 # %% [markdown]
 # ## Sources and further reading
 #
-# - PyTorch, `torch.cdist` (https://pytorch.org/docs/stable/generated/torch.cdist.html): the pairwise
+# - PyTorch, `torch.cdist` (https://docs.pytorch.org/docs/stable/generated/torch.cdist.html): the pairwise
 #   distance routine of the naive route, and its batched shapes.
 # - PyTorch, `torch.cuda.max_memory_allocated`
-#   (https://pytorch.org/docs/stable/generated/torch.cuda.max_memory_allocated.html): the allocator's
+#   (https://docs.pytorch.org/docs/stable/generated/torch.cuda.max_memory_allocated.html): the allocator's
 #   peak that `memory.peak_memory` reads on a GPU.
 # - R. Pisoni, https://github.com/4rtemi5/rbf_attention: the RBF-attention experiment whose README
 #   names this wall first: computed naively, RBF attention materialises the full $N \times N$ matrix

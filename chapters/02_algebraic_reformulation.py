@@ -428,7 +428,7 @@ print(f"SDPA + padded, split norms: relative error {split_error:.2e}")
 #   observation that softmax drops the query term, leaving dot-product attention with a built-in
 #   penalty on the key norms.
 # - PyTorch, `torch.nn.functional.scaled_dot_product_attention`
-#   (https://pytorch.org/docs/stable/generated/torch.nn.functional.scaled_dot_product_attention.html):
+#   (https://docs.pytorch.org/docs/stable/generated/torch.nn.functional.scaled_dot_product_attention.html):
 #   the fused routine both routes go through, its `attn_mask` and `scale` arguments, and its
 #   choice among flash, memory-efficient and math kernels.
 # - T. Dao, D. Y. Fu, S. Ermon, A. Rudra, C. Ré, *FlashAttention* (arXiv:2205.14135), and T. Dao,

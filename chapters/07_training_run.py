@@ -750,5 +750,5 @@ print(f"spread of the {len(finals)} variants' final val loss (one seed each): {s
 # - T. Darcet, M. Oquab, J. Mairal, P. Bojanowski, *Vision Transformers Need Registers*
 #   (arXiv:2309.16588): registers, here one per head at the origin.
 # - PyTorch, `torch.nn.utils.clip_grad_norm_`
-#   (https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html): the clipping that
+#   (https://docs.pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html): the clipping that
 #   returns the pre-clip gradient norm logged as `grad_norm`.
