@@ -9,13 +9,16 @@
 # %% [markdown]
 # # 00 · Set-up, and the bully problem
 #
-# **What you will build:** a check that your set-up works, then a picture (with a slider) of why
+# **What you will build.** A check that your set-up works, then a picture (with a slider) of why
 # dot-product attention lets a long, badly aligned key shout down a short, well aligned one, and
 # how scoring keys by *distance* puts the close key back in charge.
 #
-# **What you need:** PyTorch tensors, the dot product and the length of a vector, and softmax.
+# **What you need.** PyTorch tensors, the dot product and the length of a vector, and softmax.
 #
-# **How long:** about 20 minutes.
+# **How long.** About 20 minutes to work through; executes in about 10 s on a 2-core CPU.
+#
+# **Exercises.** Solutions are inline, folded under each exercise; for the exercise-only version run
+# `rbf-tutorial assignments OUT_DIR --chapters 00` and open `OUT_DIR/student/00_setup_and_the_bully.ipynb`.
 
 # %% [markdown]
 # ## Set-up check
@@ -119,6 +122,17 @@ plt.show()
 # The minus sign makes the nearest key score highest; $\gamma > 0$ sets how fast the score
 # falls with distance (it plays the part of dot-product attention's $1/\sqrt{D}$). Length is no
 # longer a free bonus: a key that grows past the query moves *away* from it.
+#
+# Expanding the square shows what the RBF score contains:
+#
+# $$ -\gamma \lVert q - k \rVert^2 = 2\gamma\, q \cdot k - \gamma \lVert k \rVert^2 - \gamma \lVert q \rVert^2 . $$
+#
+# The dot product is still in there, with weight $2\gamma$, next to a penalty on the key's length
+# (and a term of the query alone, which softmax ignores: chapter 02). So $\gamma = 1$ would not be
+# "the same sharpness" as the plain dot product above: it would weigh $q\cdot k$ twice as heavily.
+# For a fair comparison we take $\gamma = \tfrac12$, which gives $q \cdot k$ exactly the dot
+# product's weight: whatever changes then comes from the penalty $-\gamma\lVert k\rVert^2$, not
+# from sharper scores.
 
 # %% [markdown]
 # ### Exercise 1: RBF scores
@@ -127,7 +141,7 @@ plt.show()
 # and the result has shape `(M,)`, one score $-\gamma \lVert q - k_j \rVert^2$ per key.
 # Broadcasting does the pairing: `keys - query` subtracts the query from every row.
 
-# %% nbgrader={"grade": false, "grade_id": "ch00-ex1-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+# %% nbgrader={"grade": false, "grade_id": "ch00-ex1-solution", "locked": false, "schema_version": 3, "solution": true, "task": false} jupyter={"source_hidden": true}
 def rbf_scores(query: torch.Tensor, keys: torch.Tensor, gamma: float) -> torch.Tensor:
     ### BEGIN SOLUTION
     return -gamma * (keys - query).square().sum(dim=-1)
@@ -143,7 +157,7 @@ checks.ch00.check_rbf_scores(rbf_scores)
 # The rest of the chapter uses it, so that it runs whether or not your exercise is done yet.
 
 # %%
-gamma = 1.0  # the same sharpness as the dot product above, which had no scale at all
+gamma = 0.5  # -gamma |q - k|^2 contains 2 gamma q.k: at 1/2, q.k weighs what it did in the dot product
 
 
 def rbf_weights(query: torch.Tensor, keys: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -160,14 +174,16 @@ viz.plot_softmax_bars(key_names, {"dot product": dot_weights, "RBF": rbf_weights
 plt.show()
 
 # %% [markdown]
-# Same keys, same query: the RBF gives the close key 96% and the long key almost nothing
-# (its squared distance is 13, against 0.03 for the close key).
+# Same keys, same query, the same weight on $q\cdot k$: the RBF gives the close key 84% and the
+# long key 0.1% (its squared distance is 13, against 0.03 for the close key).
 #
 # ## Slide the bully
 #
 # Drag the slider to change the long key's length (its direction stays at 60°). Watch the
 # dot-product bars: the long key overtakes the close key somewhere near length 2 and then keeps
-# taking more. The RBF bars barely move, and the long key never wins.
+# taking more. The RBF bars move too, the other way round: the long key's RBF weight is largest
+# when the key is *short* (near length 0.5, where it passes closest to the query) and falls as the
+# key grows. It never overtakes the close key; a cell below checks every length on the slider.
 
 # %%
 latest_weights = {}  # what the plot last drew, so a cell below can check that it moved
@@ -225,7 +241,7 @@ assert weight_when_long > weight_when_short, "the plot did not follow the slider
 # any longer and the long key wins. Write `crossover_magnitude(query, close_key, long_direction)`
 # for any vectors (careful: `long_direction` need not have length one).
 
-# %% nbgrader={"grade": false, "grade_id": "ch00-ex2-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+# %% nbgrader={"grade": false, "grade_id": "ch00-ex2-solution", "locked": false, "schema_version": 3, "solution": true, "task": false} jupyter={"source_hidden": true}
 def crossover_magnitude(query: torch.Tensor, close_key: torch.Tensor, long_direction: torch.Tensor) -> float:
     ### BEGIN SOLUTION
     unit_direction = long_direction / long_direction.norm()
@@ -238,28 +254,37 @@ checks.ch00.check_crossover_magnitude(crossover_magnitude)
 
 # %% [markdown]
 # For our keys the answer is $\cos 10° / \cos 60° \approx 1.97$: a key half as aligned needs only
-# twice the length to win. In a trained model nothing stops keys from growing, so this is not a
-# corner case: it is what gradient descent finds whenever loudness pays.
+# twice the length to win. Nothing in the dot product stops a key from growing, and trained models
+# do develop a few loud tokens: Darcet et al. (arXiv:2309.16588) found high-norm tokens in trained
+# vision transformers, sitting in uninformative background patches and repurposed for internal
+# computation. Pisoni's write-up on RBF attention calls the effect "magnitude bullying".
 #
 # **Can the long key ever win under the RBF?** Its squared distance is
 # $\lVert q - m u \rVert^2 = \lVert q \rVert^2 - 2m\, q \cdot u + m^2$, smallest at
 # $m = q \cdot u = \cos 60° = 0.5$, where it is $\sin^2 60° = 0.75$: still far more than the close
-# key's $0.03$. Try every length the slider offers:
+# key's $0.03$. Try every length the slider offers, and check that the close key keeps more
+# weight than the long one at each of them:
 
 # %%
-best_rbf_weight = 0.0
+best_rbf_weight, best_length = 0.0, None
 for length in torch.linspace(0.25, 8.0, 156).tolist():
     moved_keys = torch.stack([keys[0], at_angle(key_angles["long"], length), keys[2]])
-    best_rbf_weight = max(best_rbf_weight, float(rbf_weights(query, moved_keys, gamma)[long_index]))
-print(f"the most RBF weight the long key ever gets on the slider: {best_rbf_weight:.3f}")
+    weights_now = rbf_weights(query, moved_keys, gamma)
+    assert weights_now[long_index] < weights_now[0], f"the long key out-scored the close key at length {length}"
+    if weights_now[long_index] > best_rbf_weight:
+        best_rbf_weight, best_length = float(weights_now[long_index]), length
+print(f"✓ the close key wins at every length; the most RBF weight the long key gets is "
+      f"{best_rbf_weight:.3f}, at length {best_length:.2f}")
 
 # %% [markdown]
 # ## Summary
 #
 # - Dot-product scores multiply length by alignment, so a long, mediocre key beats a short,
 #   aligned one: here at any length above 1.97, taking 70% of the weight at length 4.
-# - RBF scores $-\gamma\lVert q - k\rVert^2$ reward closeness. Growing a key past the query moves
-#   it away, so the same long key gets 0.0002% of the weight, and at most 32% at any length.
+# - RBF scores $-\gamma\lVert q - k\rVert^2 = 2\gamma\,q\cdot k - \gamma\lVert k\rVert^2 -
+#   \gamma\lVert q\rVert^2$ reward closeness. With $\gamma = \tfrac12$, so that $q\cdot k$ weighs
+#   what it does in the dot product, the same long key gets 0.1% of the weight at length 4, and at
+#   most 37% at any length on the slider, always less than the close key.
 #
 # ## Where this breaks
 #
@@ -268,8 +293,25 @@ print(f"the most RBF weight the long key ever gets on the slider: {best_rbf_weig
 #   of one sequence. Chapter 01 runs into that wall and measures it.
 # - **The sharpness $\gamma$ matters.** With these keys, $\gamma = 0.05$ leaves the weights
 #   nearly flat (0.42 / 0.22 / 0.36); $\gamma = 2$ makes them nearly one-hot (0.999 on the close
-#   key). Attention layers use $\gamma = 1/\sqrt{D}$, and training tunes the rest through the
-#   lengths of $q$ and $k$.
-# - **No free "sink".** Dot-product models park attention on a key with a huge norm when a head
-#   has nothing to do. Under the RBF a huge key is far from everyone, so that trick is gone:
-#   chapter 04 gives the model registers at the origin instead.
+#   key). The library's attention uses $\gamma = 1/\sqrt{D}$, the dot product's usual scale, for
+#   both scores, so its RBF weighs $q\cdot k$ twice as heavily as its dot product does; training
+#   tunes the rest through the lengths of $q$ and $k$, and chapter 07 trains both conventions.
+# - **No free "sink".** A dot-product head with nothing to do can park its attention on one loud
+#   key that every query scores highly (trained language models send much of their attention to
+#   the first tokens: Xiao et al., arXiv:2309.17453). Under the RBF a huge key is far from everyone,
+#   so that trick is gone: chapter 04 gives the model registers at the origin instead.
+
+# %% [markdown]
+# ## Sources and further reading
+#
+# - R. Pisoni, *Scaled RBF Attention: Trading Dot Products for Euclidean Distance*
+#   (https://pisoni.ai/posts/scaled-rbf-attention/), with code at https://github.com/4rtemi5/rbf_attention:
+#   the write-up that started this tutorial's story; the "magnitude bullying" of dot-product
+#   attention and distance scoring as its cure come from there.
+# - A. Vaswani et al., *Attention Is All You Need* (arXiv:1706.03762): scaled dot-product attention,
+#   softmax of $q\cdot k/\sqrt{D}$, the score this chapter starts from.
+# - T. Darcet, M. Oquab, J. Mairal, P. Bojanowski, *Vision Transformers Need Registers*
+#   (arXiv:2309.16588): high-norm tokens in trained vision transformers, evidence that loud tokens
+#   are not only a toy.
+# - G. Xiao, Y. Tian, B. Chen, S. Han, M. Lewis, *Efficient Streaming Language Models with Attention
+#   Sinks* (arXiv:2309.17453): attention sinks in trained language models, taken up in chapter 04.

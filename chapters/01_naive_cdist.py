@@ -9,13 +9,16 @@
 # %% [markdown]
 # # 01 · Naive RBF attention, and the N² wall
 #
-# **What you will build:** RBF attention in three lines with `torch.cdist`, checked against a
+# **What you will build.** RBF attention in three lines with `torch.cdist`, checked against a
 # float64 reference; then a measurement of its peak memory against sequence length, an N² fit,
 # and the length at which this device runs out.
 #
-# **What you need:** chapter 00 (RBF scores), tensor shapes `(batch, heads, tokens, head_dim)`.
+# **What you need.** Chapter 00 (RBF scores), tensor shapes `(batch, heads, tokens, head_dim)`.
 #
-# **How long:** about 30 minutes.
+# **How long.** About 30 minutes to work through; executes in about 8 s on a 2-core CPU.
+#
+# **Exercises.** Solutions are inline, folded under each exercise; for the exercise-only version run
+# `rbf-tutorial assignments OUT_DIR --chapters 01` and open `OUT_DIR/student/01_naive_cdist.ipynb`.
 
 # %%
 import functools
@@ -93,7 +96,7 @@ if DEVICE.type == "cuda":
 # result `(B, H, Nq, Dv)`. The check compares it, in float64, with the library's reference,
 # which computes every difference $q_i - k_j$ explicitly.
 
-# %% nbgrader={"grade": false, "grade_id": "ch01-ex1-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+# %% nbgrader={"grade": false, "grade_id": "ch01-ex1-solution", "locked": false, "schema_version": 3, "solution": true, "task": false} jupyter={"source_hidden": true}
 def naive_rbf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     ### BEGIN SOLUTION
     distances = torch.cdist(q, k)
@@ -129,7 +132,7 @@ checks.assert_close(rbf_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), back
 # bytes of a `(batch, heads, n_queries, n_keys)` tensor with elements of `bytes_per_element`
 # bytes (4 for float32, 2 for bfloat16).
 
-# %% nbgrader={"grade": false, "grade_id": "ch01-ex2-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+# %% nbgrader={"grade": false, "grade_id": "ch01-ex2-solution", "locked": false, "schema_version": 3, "solution": true, "task": false} jupyter={"source_hidden": true}
 def score_matrix_bytes(batch: int, heads: int, n_queries: int, n_keys: int, bytes_per_element: int) -> int:
     ### BEGIN SOLUTION
     return batch * heads * n_queries * n_keys * bytes_per_element
@@ -229,8 +232,11 @@ del q, k, v
 # - `torch.cdist` makes RBF attention three lines, and exactly right (checked in float64).
 # - It materialises every pairwise distance: a `(B, H, N, N)` tensor, and at the peak three of
 #   them. Memory grows as $N^2$, which the fit above confirms to within a few percent.
-# - From a handful of small measurements we predicted where this device runs out, and at a
-#   length picked beyond that point the call failed before computing anything.
+# - The call at the top failed at a length computed from the free memory alone: the shortest $N$
+#   whose single float32 $N \times N$ matrix needs 1.5× what is free. It failed before computing
+#   anything. The fit, made afterwards from a handful of small measurements, predicts the wall from
+#   the other side: the length at which the *measured* peak (about three such matrices, for this
+#   batch and head count) reaches the free memory.
 #
 # ## Where this breaks
 #
@@ -248,3 +254,19 @@ del q, k, v
 for b, h in [(1, 1), (1, 16), (4, 16)]:
     longest = math.isqrt(int(available / (3 * bytes_per_score * b * h)))
     print(f"batch={b}, heads={h:>2}: naive RBF attention fits up to N ≈ {longest:,} on this {DEVICE.type}")
+
+
+# %% [markdown]
+# ## Sources and further reading
+#
+# - PyTorch, `torch.cdist` (https://docs.pytorch.org/docs/stable/generated/torch.cdist.html): the pairwise
+#   distance routine of the naive route, and its batched shapes.
+# - PyTorch, `torch.cuda.max_memory_allocated`
+#   (https://docs.pytorch.org/docs/stable/generated/torch.cuda.max_memory_allocated.html): the allocator's
+#   peak that `memory.peak_memory` reads on a GPU.
+# - R. Pisoni, https://github.com/4rtemi5/rbf_attention: the RBF-attention experiment whose README
+#   names this wall first: computed naively, RBF attention materialises the full $N \times N$ matrix
+#   and runs out of memory on longer sequences.
+# - T. Dao, D. Y. Fu, S. Ermon, A. Rudra, C. Ré, *FlashAttention: Fast and Memory-Efficient Exact
+#   Attention with IO-Awareness* (arXiv:2205.14135): the way out sketched at the end, tiles of keys
+#   and a running softmax that never hold the matrix.

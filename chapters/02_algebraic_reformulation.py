@@ -9,13 +9,18 @@
 # %% [markdown]
 # # 02 · The algebraic reformulation: a distance in dot-product clothing
 #
-# **What you will build:** the identity that turns $-\lVert q-k \rVert^2$ into a dot product plus a
-# per-key penalty, checked in float64; then two ways to run RBF attention through PyTorch's
-# fused `scaled_dot_product_attention` (SDPA), each measured for memory, speed and bfloat16 error.
+# **What you will build.** The identity that turns $-\lVert q-k \rVert^2$ into a dot product plus a
+# per-key penalty, checked in float64, and where it loses digits; then two ways to run RBF attention
+# through PyTorch's fused `scaled_dot_product_attention` (SDPA), each measured for memory, speed and
+# bfloat16 error.
 #
-# **What you need:** chapter 01 (naive RBF attention and its N² memory), softmax.
+# **What you need.** Chapter 01 (naive RBF attention and its N² memory), softmax.
 #
-# **How long:** about 40 minutes.
+# **How long.** About 40 minutes to work through; executes in about 10 s on a 2-core CPU.
+#
+# **Exercises.** Solutions are inline, folded under each exercise; for the exercise-only version run
+# `rbf-tutorial assignments OUT_DIR --chapters 02` and open
+# `OUT_DIR/student/02_algebraic_reformulation.ipynb`.
 
 # %%
 import functools
@@ -92,6 +97,46 @@ expanded = (scale * (2 * q64 @ k64.transpose(-2, -1)
 checks.assert_close(expanded, true_logits, name="expanded vs -s|q-k|²", atol=1e-12, rtol=1e-12)
 
 # %% [markdown]
+# ### Where the expansion loses digits
+#
+# The identity is exact; its arithmetic is not. The expanded form adds and subtracts
+# $\lVert q\rVert^2$, $\lVert k\rVert^2$ and $2\,q\cdot k$, each about $\lVert q\rVert^2$ in size,
+# and the answer $\lVert q-k\rVert^2$ can be far smaller than they are. That happens when $q$ and $k$
+# are **close to each other and far from the origin**: the three terms nearly cancel, and float32,
+# with about 7 significant digits, keeps only what is left of them after rounding. (Far-apart $q$
+# and $k$ are harmless: their squared distance is as large as the terms.) Two queries and keys of
+# length about 100, in float32, against float64:
+
+# %%
+cancel_generator = torch.Generator().manual_seed(4)
+
+
+def cancel_draw(scale: float) -> torch.Tensor:
+    return scale * torch.randn(16, generator=cancel_generator, dtype=torch.float64)
+
+
+far_out = 100 * torch.nn.functional.normalize(cancel_draw(1.0), dim=0)  # a point of length 100
+pairs = {"close to each other, far from the origin": (far_out, far_out + cancel_draw(0.02)),
+         "far apart, far from the origin": (far_out, -far_out + cancel_draw(1.0))}
+relative_errors = {}
+for label, (q_pair, k_pair) in pairs.items():
+    exact = (q_pair - k_pair).square().sum().item()  # float64, from the difference itself
+    q32, k32 = q_pair.float(), k_pair.float()
+    expanded32 = (q32.square().sum() - 2 * q32 @ k32 + k32.square().sum()).item()
+    relative_errors[label] = abs(expanded32 - exact) / exact
+    print(f"{label:<42} |q-k|² = {exact:11.5f}   float32 expanded: {expanded32:11.5f}   "
+          f"absolute error {abs(expanded32 - exact):.1e}, relative {relative_errors[label]:.1e}")
+close_error, far_error = relative_errors.values()
+assert close_error > 1000 * far_error, "cancellation should hit the close pair, not the far one"
+
+# %% [markdown]
+# For the close pair the float32 expansion gets the squared distance wrong by a large fraction of
+# itself; for the far pair it is fine. Attention survives this better than the numbers suggest:
+# softmax needs each *logit* to within a small absolute error, not each distance to within a small
+# relative one, and the absolute error printed above is of order $10^{-3}$ for terms of $10^4$. But any code
+# that reads distances themselves off the expanded form (a nearest-neighbour test, a threshold)
+# should compute $q - k$ first. Chapter 03's kernel meets the same trade-off inside its tiles.
+#
 # ## Softmax forgets per-row constants
 #
 # The query term $-s\lVert q_i \rVert^2$ is the same for every key $j$ that query $i$ looks at.
@@ -124,7 +169,7 @@ checks.assert_close(torch.softmax(logits + row_constants, dim=-1), torch.softmax
 # broadcast subtraction (think about which axis $\lVert k_j \rVert^2$ varies along). The check
 # also confirms your logits give exactly RBF attention's softmax.
 
-# %% nbgrader={"grade": false, "grade_id": "ch02-ex1-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+# %% nbgrader={"grade": false, "grade_id": "ch02-ex1-solution", "locked": false, "schema_version": 3, "solution": true, "task": false} jupyter={"source_hidden": true}
 def key_norm_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     ### BEGIN SOLUTION
     key_norms = k.square().sum(dim=-1)  # (B, H, Nk)
@@ -164,7 +209,7 @@ checks.ch02.check_key_norm_logits(key_norm_logits)
 # meets them one tile at a time. (`torch.cat` along the last dimension; the factor 2 can go on
 # either side.)
 
-# %% nbgrader={"grade": false, "grade_id": "ch02-ex2-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+# %% nbgrader={"grade": false, "grade_id": "ch02-ex2-solution", "locked": false, "schema_version": 3, "solution": true, "task": false} jupyter={"source_hidden": true}
 def padded_query_key(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ### BEGIN SOLUTION
     minus_one = q.new_full((*q.shape[:-1], 1), -1.0)
@@ -364,11 +409,28 @@ print(f"SDPA + padded, split norms: relative error {split_error:.2e}")
 #
 # ## Where this breaks
 #
-# - **Cancellation.** The expanded form subtracts large numbers: for far-apart $q$ and $k$ of norm
-#   100, $\lVert q\rVert^2$ and $2\,q\cdot k$ are about $10^4$ each, so float32 (7 digits) keeps
-#   only about 3 digits of their difference. Fine for softmax logits of order one; not for
+# - **Cancellation.** The expanded form subtracts large numbers that nearly cancel when $q \approx k$
+#   far from the origin: for $q$ and $k$ of length 100 and $\lVert q - k\rVert \approx 0.06$, the
+#   terms are about $10^4$ and float32 gets their small difference wrong by a large fraction of
+#   itself (measured above). Tolerable for softmax logits, which need a small absolute error; not for
 #   computing distances themselves.
 # - **bfloat16 penalties.** Any route that stores $\lVert k\rVert^2$ in bfloat16 rounds it by up
 #   to $\lVert k\rVert^2 / 256$ (0.25 near 64): about 4× the output error of a float32 kernel.
 # - **Causal masks.** A bias has one row per query once causality is folded in: N² elements,
 #   exactly what we set out to avoid.
+
+# %% [markdown]
+# ## Sources and further reading
+#
+# - R. Pisoni, *Scaled RBF Attention: Trading Dot Products for Euclidean Distance*
+#   (https://pisoni.ai/posts/scaled-rbf-attention/) and https://github.com/4rtemi5/rbf_attention:
+#   the expansion $-\lVert q-k\rVert^2 = -\lVert q\rVert^2 + 2q\cdot k - \lVert k\rVert^2$ and the
+#   observation that softmax drops the query term, leaving dot-product attention with a built-in
+#   penalty on the key norms.
+# - PyTorch, `torch.nn.functional.scaled_dot_product_attention`
+#   (https://docs.pytorch.org/docs/stable/generated/torch.nn.functional.scaled_dot_product_attention.html):
+#   the fused routine both routes go through, its `attn_mask` and `scale` arguments, and its
+#   choice among flash, memory-efficient and math kernels.
+# - T. Dao, D. Y. Fu, S. Ermon, A. Rudra, C. Ré, *FlashAttention* (arXiv:2205.14135), and T. Dao,
+#   *FlashAttention-2* (arXiv:2307.08691): the fused, tiled kernels that SDPA's flash backend is built
+#   on, and the reason a mask or an odd head dimension costs speed.

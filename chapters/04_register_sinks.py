@@ -9,22 +9,29 @@
 # %% [markdown]
 # # 04 · Register sinks: somewhere to put attention that has nowhere to go
 #
-# **What you will build:** the attention sink of dot-product attention, made by hand and measured;
+# **What you will build.** The attention sink of dot-product attention, made by hand and measured;
 # the reason RBF attention has none; registers at the origin that give it one, with the exact
-# condition for a key to beat them; and a measurement of softmax's selectivity limit for both scores.
+# condition for a key to beat them; then two measurements on both scores: how attention flattens as
+# the number of keys grows, and how far one attention layer can stretch its input (its Lipschitz
+# constant).
 #
-# **What you need:** chapter 00 (RBF scores), chapter 02 ($-\lVert q-k\rVert^2 = 2q\cdot k - \lVert k\rVert^2 - \lVert q\rVert^2$),
-# softmax, and causal masks.
+# **What you need.** Chapter 00 (RBF scores), chapter 02
+# ($-\lVert q-k\rVert^2 = 2q\cdot k - \lVert k\rVert^2 - \lVert q\rVert^2$), softmax, causal masks, and
+# what a Jacobian is.
 #
-# **How long:** about 40 minutes.
+# **How long.** About 50 minutes to work through; executes in about 10 s on a 2-core CPU.
+#
+# **Exercises.** Solutions are inline, folded under each exercise; for the exercise-only version run
+# `rbf-tutorial assignments OUT_DIR --chapters 04` and open `OUT_DIR/student/04_register_sinks.ipynb`.
 
 # %%
+import functools
 import math
 
 import matplotlib.pyplot as plt
 import torch
 
-from rbf_tutorial import checks, viz
+from rbf_tutorial import checks, lipschitz, selectivity, viz
 from rbf_tutorial.device import SMALL, describe, sizes
 from rbf_tutorial.reference import rbf_attention_reference
 from rbf_tutorial.registers import RegisterTokens, attend_with_registers, attention_weights, register_weights
@@ -32,20 +39,21 @@ from rbf_tutorial.registers import RegisterTokens, attend_with_registers, attent
 viz.use_style()
 print(describe())
 
-# All sizes in one place. Everything before the last section is a hand-built toy and runs in
-# milliseconds anywhere; the selectivity experiment at the end grows on a GPU.
-selectivity_keys, selectivity_trials = sizes(cpu=(256, 32), gpu=(2048, 64))
-print(f"SMALL = {SMALL}: selectivity experiment with N = {selectivity_keys} keys, "
-      f"{selectivity_trials} queries per point")
+# All sizes in one place. Everything but the selectivity experiment is a hand-built toy that runs
+# in milliseconds anywhere; the selectivity experiment's pool of random keys grows on a GPU machine.
+selectivity_queries, selectivity_pool = sizes(cpu=(32, 4**8 - 1), gpu=(64, 4**9 - 1))
+print(f"SMALL = {SMALL}: selectivity experiment with {selectivity_queries} queries and up to "
+      f"{selectivity_pool + 1:,} keys")
 
 # %% [markdown]
 # ## The sink in dot-product attention
 #
 # Softmax must hand out all of its mass. A head whose query finds nothing useful in the sequence
-# still has to put 100% of its weight *somewhere*. Trained dot-product models settle this the
-# same way again and again: one token (often the first) gets a key that is long and points
-# roughly where the queries point. Its score $q \cdot k_\text{sink}$ is then high for *every*
-# query, and a query with nothing better to do sends its mass there: an **attention sink**.
+# still has to put 100% of its weight *somewhere*. Xiao et al. (arXiv:2309.17453) found that
+# trained language models send a large share of attention to the first few tokens, whatever those
+# tokens are, and named them **attention sinks**. A dot-product head can build one with a key that
+# is long and points roughly where the queries point: its score $q \cdot k_\text{sink}$ is then
+# high for *every* query, and a query with nothing better to do sends its mass there.
 #
 # We build that situation by hand, in $D = 32$ dimensions, with one head:
 #
@@ -201,8 +209,8 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
-# Two opposite shapes. Under the dot product the sink gets better the longer it is: length is
-# free, so gradient descent finds it. Under RBF a sink only works *short*, in the middle of the
+# Two opposite shapes. Under the dot product the sink gets better the longer it is: length costs
+# nothing in the score, so nothing stops training from using it. Under RBF a sink only works *short*, in the middle of the
 # queries, close to the origin; past that it drops to nothing. (Here the queries all have about
 # the same length, $\sqrt{2^2 + 6^2} \approx 6.3$, so the origin is nearly as far from every
 # one of them: no query is favoured.)
@@ -258,7 +266,7 @@ plt.show()
 # register at the origin for query $i$. (Either form of the condition works; pairing every query
 # with every key is `q[..., :, None, :] - k[..., None, :, :]`.)
 
-# %% nbgrader={"grade": false, "grade_id": "ch04-ex1-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+# %% nbgrader={"grade": false, "grade_id": "ch04-ex1-solution", "locked": false, "schema_version": 3, "solution": true, "task": false} jupyter={"source_hidden": true}
 def key_beats_register(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     ### BEGIN SOLUTION
     distances = (q[..., :, None, :] - k[..., None, :, :]).norm(dim=-1)  # (..., Nq, Nk)
@@ -303,7 +311,7 @@ assert (margin > 1.2).all()
 # `(B, H, Nq)`, the softmax weight of one register at the origin in front of the keys. The check
 # compares it with the library's `register_weights`, which materialises the whole map.
 
-# %% nbgrader={"grade": false, "grade_id": "ch04-ex2-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+# %% nbgrader={"grade": false, "grade_id": "ch04-ex2-solution", "locked": false, "schema_version": 3, "solution": true, "task": false} jupyter={"source_hidden": true}
 def register_weight(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     ### BEGIN SOLUTION
     key_logits = scale * (2 * q @ k.transpose(-2, -1) - k.square().sum(dim=-1)[..., None, :])
@@ -389,7 +397,7 @@ assert torch.allclose(output_with[busy], output_without[busy], atol=0.05 * value
 # (hidden logits to `-inf`), softmax, multiply by the values. Return `(B, H, Nq, Dv)`. The check
 # tries $N_q < N_k$ too, where a top-left mask goes wrong.
 
-# %% nbgrader={"grade": false, "grade_id": "ch04-ex3-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+# %% nbgrader={"grade": false, "grade_id": "ch04-ex3-solution", "locked": false, "schema_version": 3, "solution": true, "task": false} jupyter={"source_hidden": true}
 def attention_with_register(q, k, v, register_key, register_value, *, scale, causal):
     ### BEGIN SOLUTION
     batch, heads, query_len, _ = q.shape
@@ -440,154 +448,218 @@ fig.colorbar(image, ax=ax, label="attention weight")
 plt.show()
 
 # %% [markdown]
-# ## Softmax's selectivity limit
+# ## Softmax's selectivity limit: a crowd of keys
 #
-# A register fixes the case of *nothing* to attend to. The opposite case, *many* things to
-# attend to, is a limit of softmax itself. Mudarisov, Burtsev, Petrova and State, *Limitations of
-# Normalization in Attention Mechanism* (arXiv 2508.17821, NeurIPS 2025), bound what softmax
-# normalisation can select. Their abstract reports that, in experiments with a pre-trained GPT-2,
-# the model's ability to distinguish informative tokens declines as the number of selected
-# tokens grows, often converging toward a uniform selection; in their GPT-2 measurements only
-# about 70–85% of the selected tokens remained distinguishable.
+# A register fixes the case of *nothing* to attend to. The opposite worry is a crowd. Mudarisov,
+# Burtsev, Petrova and State, *Limitations of Normalization in Attention Mechanism*
+# (arXiv:2508.17821), study what softmax normalisation can select. Their introduction (Section 1)
+# names the failure *vanishing attention*: as the context length $L$ grows, the attention weights
+# collapse towards $1/L$. Their Lemma 1 puts it for any normaliser of the softmax kind: while the
+# logits stay inside a fixed interval, every weight lies between $C_1/L$ and $C_2/L$, with constants
+# that do not depend on $L$. Their abstract reports, from a pre-trained GPT-2, that the model's
+# ability to distinguish informative tokens declines as the number of selected tokens grows.
 #
-# The simplest part of this is plain arithmetic. Weights sum to one, so if $n$ keys are equally
-# relevant, each gets at most $1/n$:
+# RBF logits are bounded *above*: $-s\lVert q-k\rVert^2 \le 0$, whatever the lengths. Does that cap
+# change anything? Here is the test the paper's claim calls for, with nothing tuned per score:
 #
-# $$ w_\text{relevant} = \frac{e^{\Delta}}{n\,e^{\Delta} + \sum_\text{irrelevant} e^{l_j}} \le \frac1n , $$
+# - 32 queries in $D = 64$ dimensions, standard normal, so their lengths are about $\sqrt{D} = 8$;
+# - for each query a **planted** key, a near copy of it ($q + 0.1\,\varepsilon$): the key it should find;
+# - $N - 1$ random keys from the same standard normal, the first $N - 1$ of one fixed pool, so a
+#   larger $N$ only *adds* keys. The norm distributions never change; only the crowd grows.
 #
-# whatever the logit gap $\Delta$. Each selected token's influence on the output ($\partial y / \partial v_j = w_j$)
-# falls like $1/n$, and the output is an average of $n$ values, in which any one of them is
-# harder to make out.
+# The same queries and keys are scored three ways: the dot product $s\,q\cdot k$ and RBF
+# $-s\lVert q-k\rVert^2$ at the library's shared scale $s = 1/\sqrt D$, and RBF at half that scale,
+# where its $2s\,q\cdot k$ term (chapter 02) weighs what the dot product's $s\,q\cdot k$ weighs.
 #
-# **The experiment.** $N$ keys in $D = 64$ dimensions, $n$ of them relevant to a query, the rest
-# random. For the dot product the relevant keys point along the query; for RBF they sit at a
-# fixed small distance from it. Each score gets its own temperature, chosen so that the mean
-# logit gap between relevant and irrelevant keys is the same, $\Delta = \ln N + 2.5$ (8.0 at
-# $N = 256$; it grows with $N$ so that one relevant key still takes most of the mass): the two scores are
-# compared at **matched logit gaps**. We measure, against $n$:
+# What to expect comes from one line. The planted key's weight is
 #
-# - the largest weight (against the $1/n$ bound);
-# - the mass on the relevant keys;
-# - **distinguishability**: with random values $v_j$, how often the output $y = \sum_j w_j v_j$
-#   lines up better with a relevant token's value than with an irrelevant one's, i.e. the
-#   fraction of (relevant, irrelevant) pairs with $y\cdot v_\text{rel} > y\cdot v_\text{irr}$
-#   (1: the output tells the selected tokens apart perfectly; 0.5: not at all).
+# $$ w_\star = \frac{1}{1 + \sum_{j} e^{\,l_j - l_\star}} \approx \frac{1}{1 + (N-1)\,\mathbb{E}\bigl[e^{\,l - l_\star}\bigr]} , $$
+#
+# and with fixed norm distributions the expectation does not depend on $N$. So $w_\star$ stays near
+# 1 while $N\,\mathbb{E}[e^{l - l_\star}] \ll 1$ and then falls like $1/N$: flattening sets in near
+# $N \approx e^{\Delta}$, with $\Delta$ the typical logit gap between the planted key and a random
+# one. For the dot product $\Delta \approx s\lVert q\rVert^2 \approx 8$. For RBF at the same scale a
+# random key sits at $\lVert q-k\rVert^2 \approx \lVert q\rVert^2 + \lVert k\rVert^2 \approx 2D$ and
+# the planted key near 0, so $\Delta \approx 2sD = 16$: twice as much, which is the doubled
+# $q\cdot k$ term again. At half the scale it is back to about 8. (The spread of the random logits
+# lowers each effective gap somewhat: $\mathbb{E}[e^{X}] = e^{\mu + \sigma^2/2}$ for a Gaussian.)
 
 # %%
 selectivity_dim = 64
-logit_gap = math.log(selectivity_keys) + 2.5
-relevant_counts = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if n <= selectivity_keys // 4]
-
-
-def relevant_and_irrelevant_keys(queries, n_relevant, scoring, generator):
-    """(T, N, D) keys: the first n_relevant are relevant to each query, the rest random."""
-    trials, dim = queries.shape
-    offsets = torch.randn(trials, n_relevant, dim, generator=generator, dtype=torch.float64)
-    if scoring == "dot":
-        # Along the query (same dot product for all of them), plus a part orthogonal to it.
-        unit = queries / queries.norm(dim=-1, keepdim=True)
-        offsets = offsets - (offsets * unit[:, None]).sum(-1, keepdim=True) * unit[:, None]
-        relevant = 2 * queries[:, None] + offsets
-    else:
-        # A fixed small distance (2) from the query, in a random direction.
-        relevant = queries[:, None] + 2 * offsets / offsets.norm(dim=-1, keepdim=True)
-    irrelevant = torch.randn(trials, selectivity_keys - n_relevant, dim, generator=generator, dtype=torch.float64)
-    return torch.cat([relevant, irrelevant], dim=1)
-
-
-def selectivity(n_relevant, scoring, seed):
-    generator = torch.Generator().manual_seed(seed)
-    queries = torch.randn(selectivity_trials, selectivity_dim, generator=generator, dtype=torch.float64)
-    keys = relevant_and_irrelevant_keys(queries, n_relevant, scoring, generator)
-    if scoring == "dot":
-        logits = torch.einsum("td,tnd->tn", queries, keys)
-    else:
-        logits = -(queries[:, None] - keys).square().sum(-1)
-    gap = logits[:, :n_relevant].mean() - logits[:, n_relevant:].mean()
-    weights = torch.softmax(logit_gap / gap * logits, dim=-1)  # the temperature that matches the gap
-    values = torch.randn(selectivity_trials, selectivity_keys, selectivity_dim, generator=generator,
-                         dtype=torch.float64)
-    outputs = torch.einsum("tn,tnd->td", weights, values)
-    alignment = torch.einsum("td,tnd->tn", outputs, values)
-    pairs_in_order = alignment[:, :n_relevant, None] > alignment[:, None, n_relevant:]
-    return {
-        "max weight": weights.max(dim=-1).values.mean().item(),
-        "relevant mass": weights[:, :n_relevant].sum(-1).mean().item(),
-        "distinguishability": pairs_in_order.double().mean().item(),
-        "irrelevant logit spread": (logit_gap / gap * logits[:, n_relevant:]).std().item(),
-    }
-
-
-results = {scoring: [selectivity(n, scoring, seed=1000 * offset + n) for n in relevant_counts]
-           for offset, scoring in enumerate(("dot", "rbf"))}
-print(f"N = {selectivity_keys} keys, D = {selectivity_dim}, matched logit gap Δ = {logit_gap:.1f}")
-print(f"{'n':>5} | {'max weight':^15} | {'n × max':^13} | {'relevant mass':^15} | {'distinguishable':^15}")
-print(f"{'':>5} | {'dot':>6}  {'rbf':>6} | {'dot':>5} {'rbf':>5} | {'dot':>6}  {'rbf':>6} | {'dot':>6}  {'rbf':>6}")
-for i, n in enumerate(relevant_counts):
-    dot, rbf = results["dot"][i], results["rbf"][i]
-    print(f"{n:>5} | {dot['max weight']:6.3f}  {rbf['max weight']:6.3f} | "
-          f"{n * dot['max weight']:5.2f} {n * rbf['max weight']:5.2f} | "
-          f"{dot['relevant mass']:6.3f}  {rbf['relevant mass']:6.3f} | "
-          f"{dot['distinguishability']:6.3f}  {rbf['distinguishability']:6.3f}")
-print("spread (std) of the irrelevant logits: "
-      f"dot {results['dot'][0]['irrelevant logit spread']:.2f}, rbf {results['rbf'][0]['irrelevant logit spread']:.2f}")
+shared_scale = selectivity_dim**-0.5
+key_counts = [4**power for power in range(1, 10) if 4**power <= selectivity_pool + 1]  # 4, 16, ...
+planted = selectivity.planted_keys(selectivity_queries, selectivity_pool, selectivity_dim,
+                                   generator=torch.Generator().manual_seed(7))
+rules = {
+    "dot, s = 1/√D": ("dot", shared_scale),
+    "RBF, s = 1/√D": ("rbf", shared_scale),
+    "RBF, s = 1/(2√D)": ("rbf", shared_scale / 2),
+}
+curves = {name: selectivity.selectivity_curve(planted, key_counts, score=score, scale=scale)
+          for name, (score, scale) in rules.items()}
+print(f"{selectivity_queries} queries, D = {selectivity_dim}; N counts the planted key")
+print(f"{'N':>7} | " + " | ".join(f"{name:^22}" for name in rules))
+print(f"{'':>7} | " + " | ".join(f"{'planted w':>10} {'H / ln N':>10}" for _ in rules))
+for index, n in enumerate(key_counts):
+    cells = [f"{curve.planted_weight[index]:>10.3f} {curve.normalized_entropy[index]:>10.3f}"
+             for curve in curves.values()]
+    print(f"{n:>7,} | " + " | ".join(cells))
+print("planted key still the top weight, worst N: "
+      + ", ".join(f"{name} {min(curve.planted_on_top):.0%}" for name, curve in curves.items()))
 
 # %%
+rule_styles = {"dot, s = 1/√D": {"color": viz.COLORS["dot"]},
+               "RBF, s = 1/√D": {"color": viz.COLORS["rbf"]},
+               "RBF, s = 1/(2√D)": {"color": viz.COLORS["rbf"], "ls": "--"}}
 figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-for scoring, label in (("dot", "dot product"), ("rbf", "RBF")):
-    column = {metric: [row[metric] for row in results[scoring]] for metric in results[scoring][0]}
-    axes[0].loglog(relevant_counts, column["max weight"], "o-", color=viz.COLORS[scoring], label=label)
-    axes[1].semilogx(relevant_counts, column["relevant mass"], "o-", color=viz.COLORS[scoring], label=label)
-    axes[2].semilogx(relevant_counts, column["distinguishability"], "o-", color=viz.COLORS[scoring],
-                     label=label)
-axes[0].loglog(relevant_counts, [1 / n for n in relevant_counts], "--", color=viz.COLORS["fit"],
-               label="1/n bound")
-axes[2].axhline(0.5, ls=":", color=viz.COLORS["fit"], label="chance")
-for ax, ylabel, title in zip(axes, ["largest weight", "mass on the n relevant keys",
-                                    "P(y·v_rel > y·v_irr)"],
-                             ["Each selected token's share", "Mass on the relevant keys", "Distinguishability"],
-                             strict=True):
-    ax.set_xlabel("number of relevant keys n (log scale)")
+for name, curve in curves.items():
+    axes[0].loglog(curve.n_keys, curve.planted_weight, marker="o", label=name, **rule_styles[name])
+    axes[1].semilogx(curve.n_keys, curve.normalized_entropy, marker="o", label=name, **rule_styles[name])
+    axes[2].semilogx(curve.n_keys, curve.planted_on_top, marker="o", label=name, **rule_styles[name])
+axes[0].loglog(key_counts, [1 / n for n in key_counts], ":", color=viz.COLORS["fit"], label="uniform, 1/N")
+for ax, ylabel, title in zip(axes, ["weight on the planted key", "entropy / ln N", "fraction of queries"],
+                             ["The best key's share", "Flatness (0 one-hot, 1 uniform)",
+                              "Planted key still the top weight"], strict=True):
+    ax.set_xlabel("keys N (log scale)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
-figure.suptitle(f"Selectivity at a matched logit gap Δ = {logit_gap:.1f}, N = {selectivity_keys}, D = {selectivity_dim}")
+    ax.legend(fontsize=8)
+axes[2].set_ylim(0, 1.05)
+figure.suptitle(f"Fixed norms, growing N: D = {selectivity_dim}, {selectivity_queries} queries")
 plt.show()
 
 # %% [markdown]
-# What the numbers say, and what they do not:
+# What the numbers say (this CPU run: 32 queries, up to 65 536 keys):
 #
-# - **The $1/n$ ceiling holds for both scores.** The largest weight follows the $1/n$ line
-#   ($n \times$ max weight stays between 0.7 and 1, checked below). Softmax cannot give $n$
-#   relevant tokens more than $1/n$ each, however well the score separates them.
-# - **The mass on relevant keys does not suffer.** With the gap fixed it *rises* with $n$: the
-#   limit is not that attention wanders off to irrelevant keys, it is that it must *share*.
-# - **Distinguishability falls.** With $n = 1$ the output names its token perfectly; at the
-#   largest $n$ a sizeable fraction of pairs is out of order (the table has this device's
-#   numbers; on a CPU, at $n = 64$, about one pair in four). Part of this is softmax's sharing,
-#   part is superposition: $n$ values averaged in $D = 64$ dimensions interfere, whatever the
-#   weights. This experiment does not separate the two.
-# - **Dot product and RBF behave alike at matched logit gaps.** Softmax sees only logits. Here
-#   the relevant keys all get the same logit under either score and the irrelevant ones are
-#   $\Delta$ below (their spread differs, printed under the table, and barely matters at this gap),
-#   so the weights and everything computed from them coincide up to sampling noise. Changing
-#   the score does not lift the normalisation's limit, and neither do registers: they add a
-#   "none of these" option, not more than one unit of mass to share.
-# - This reproduces the *shape* of the effect on synthetic data. It is not a reproduction of
-#   the paper's GPT-2 measurements or of its bounds, and it says nothing about trained models.
+# - **The dot product flattens.** Its planted key keeps 0.98 of the weight among 16 keys, 0.60
+#   among 1 024 and 0.07 among 65 536, where the entropy is 0.91 of a uniform distribution's:
+#   close to $1/N$ territory, as the paper's lemma says it must be.
+# - **The cap at zero does not stop RBF from flattening.** At half the scale, where RBF weighs
+#   $q\cdot k$ as the dot product does, its curve follows the dot product's (0.58 at 1 024, 0.03 at
+#   65 536; a little lower at large $N$, because its random logits spread more). A logit bounded above is still
+#   a logit whose gap to the crowd stays fixed while the crowd grows.
+# - **What holds RBF up at the shared scale is the factor two, not the cap.** At $s = 1/\sqrt D$ the
+#   planted key still has 0.85 of the weight among 65 536 keys: its gap is about twice the dot
+#   product's, and $e^{\Delta}$ is then far beyond this pool. The same sharpening is available to
+#   the dot product by doubling its scale. Chapter 07 trains a model at both scales.
+# - **The rank survives.** The planted key is the top weight for every query at every $N$, under
+#   every rule: attention does not lose track of the best key, it loses the ability to give it
+#   most of the mass.
+#
+# This reproduces the shape of the paper's claim on synthetic data; it is not a reproduction of
+# its bounds or its GPT-2 measurements. Checked below, in the forms that hold for any seed:
 
 # %%
-for scoring in ("dot", "rbf"):
-    shares = [n * row["max weight"] for n, row in zip(relevant_counts, results[scoring], strict=True)]
-    assert all(0.7 <= share <= 1.0 + 1e-9 for share in shares[1:]), (scoring, shares)
-    distinguishability = [row["distinguishability"] for row in results[scoring]]
-    assert distinguishability[0] > 0.99 and distinguishability[-1] < 0.85, (scoring, distinguishability)
-    masses = [row["relevant mass"] for row in results[scoring]]
-    assert masses == sorted(masses), "at a fixed gap, the relevant mass grows with n"
-gaps_between_scores = [abs(d["distinguishability"] - r["distinguishability"])
-                       for d, r in zip(results["dot"], results["rbf"], strict=True)]
-print(f"largest difference in distinguishability between the scores: {max(gaps_between_scores):.3f}")
-assert max(gaps_between_scores) < 0.1
+for name, curve in curves.items():
+    weights = curve.planted_weight
+    assert all(later < earlier for earlier, later in zip(weights, weights[1:], strict=False)), \
+        f"{name}: adding keys can only take weight from the planted key"
+    assert min(curve.planted_on_top) >= 0.9, f"{name}: the planted key should stay the top weight"
+dot_curve, rbf_curve, rbf_half_curve = curves.values()
+assert dot_curve.planted_weight[-1] < 0.2 and dot_curve.normalized_entropy[-1] > 0.8, "dot should flatten"
+assert rbf_half_curve.planted_weight[-1] < 0.2, "RBF at matched strength should flatten too"
+assert all(rbf >= dot for rbf, dot in zip(rbf_curve.planted_weight, dot_curve.planted_weight, strict=True))
+print("✓ planted weight falls with N under every rule; dot and matched-strength RBF flatten; "
+      "the shared scale keeps RBF sharper")
+
+# %% [markdown]
+# ## How far can one layer stretch its input?
+#
+# A last property that distance scoring is often credited with: a bounded sensitivity to its input.
+# A map $f$ is **Lipschitz** with constant $K$ if $\lVert f(x) - f(y)\rVert \le K\lVert x - y\rVert$
+# for all inputs; for a differentiable map the best $K$ is the largest spectral norm of its Jacobian
+# over all inputs. Kim, Papamakarios and Mnih, *The Lipschitz Constant of Self-Attention*
+# (arXiv:2006.04710), prove that standard dot-product self-attention is **not** Lipschitz on an
+# unbounded input domain, and propose L2 self-attention, scored by squared distance, which **is**
+# Lipschitz, for the variant they analyse: with the query and key projections **tied**,
+# $W_Q = W_K$. Their L2 attention has details of its own that we do not reproduce; here we measure
+# this library's kind of head, $\operatorname{softmax}(\text{logits}(xW_Q, xW_K))\,xW_V$ over a
+# sequence $x$ of $N = 8$ tokens in $D = 4$ dimensions.
+#
+# `lipschitz.jacobian_spectral_norm(layer, x)` builds the whole Jacobian of the layer at $x$ (a
+# $32 \times 32$ matrix here) and returns its largest singular value; `stretch_sweep` does that at
+# $c\,x$ for growing $c$. A Lipschitz layer stays bounded along every such ray; growing without
+# bound along *one* ray is enough to show a layer is not. Two rays, each aimed at a weak spot:
+#
+# - **a token at the origin** among spread-out tokens: under the dot product its query scores every
+#   key 0, so its weights stay uniform however far the others move, and a small move of that token
+#   tilts a uniform average of far-apart values; this is the kind of input the non-Lipschitz proof uses;
+# - **a query halfway between two keys**, nearer to them than to its own key: possible at every scale
+#   when $W_Q \neq W_K$; when they are tied, a token's own key *is* its query, at distance zero, and
+#   always wins.
+
+# %%
+lipschitz_tokens, lipschitz_dim = 8, 4
+weight_draw = torch.Generator().manual_seed(11)
+w_query, w_key, w_value = (torch.randn(lipschitz_dim, lipschitz_dim, generator=weight_draw, dtype=torch.float64)
+                           / math.sqrt(lipschitz_dim) for _ in range(3))
+layers = {  # name: (W_Q, W_K, score)
+    "dot, untied": (w_query, w_key, "dot"),
+    "dot, tied": (w_query, w_query, "dot"),
+    "RBF, untied": (w_query, w_key, "rbf"),
+    "RBF, tied": (w_query, w_query, "rbf"),
+}
+stretch_factors = [0.5, 1, 2, 4, 8, 16, 32, 64]
+ray_draw = torch.Generator().manual_seed(12)
+origin_ray = lipschitz.origin_token_sequence(lipschitz_tokens, lipschitz_dim, generator=ray_draw)
+jacobian_norms = {}  # (ray, layer) -> norms along the ray
+for name, (query_weights, key_weights, score) in layers.items():
+    layer = functools.partial(lipschitz.self_attention, w_query=query_weights, w_key=key_weights,
+                              w_value=w_value, score=score)
+    split_ray = lipschitz.split_query_sequence(query_weights, key_weights,
+                                               generator=torch.Generator().manual_seed(13))
+    jacobian_norms["token at the origin", name] = lipschitz.stretch_sweep(layer, origin_ray, stretch_factors)
+    jacobian_norms["query between two keys", name] = lipschitz.stretch_sweep(layer, split_ray, stretch_factors)
+rays = ["token at the origin", "query between two keys"]
+print(f"{'':<24}" + "".join(f"{'c = ' + format(c, 'g'):>10}" for c in stretch_factors))
+for ray in rays:
+    print(ray)
+    for name in layers:
+        print(f"  {name:<22}" + "".join(f"{value:>10.2f}" for value in jacobian_norms[ray, name]))
+
+# %%
+layer_styles = {"dot, untied": {"color": viz.COLORS["dot"]}, "dot, tied": {"color": viz.COLORS["dot"], "ls": "--"},
+                "RBF, untied": {"color": viz.COLORS["rbf"]}, "RBF, tied": {"color": viz.COLORS["rbf"], "ls": "--"}}
+figure, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+for ax, ray in zip(axes, rays, strict=True):
+    for name in layers:
+        ax.loglog(stretch_factors, jacobian_norms[ray, name], marker="o", label=name, **layer_styles[name])
+    ax.loglog(stretch_factors, [0.5 * c**2 for c in stretch_factors], ":", color=viz.COLORS["fit"],
+              label="∝ c²")
+    ax.set_xlabel("input scale c (log scale)")
+    ax.set_title(f"Along the ray c·x: {ray}")
+    ax.legend(fontsize=8)
+axes[0].set_ylabel("spectral norm of the Jacobian at c·x")
+plt.show()
+
+# %% [markdown]
+# Read the right end of each panel, where the inputs are large:
+#
+# - **Dot product, tied or not, grows as $c^2$ along the origin ray** (four times per doubling of
+#   the scale): no constant bounds it, as Kim et al. prove.
+# - **Tied RBF stays bounded on both rays.** Its own key always wins at large scale, and the layer
+#   then passes inputs through its value projection.
+# - **Untied RBF grows as $c^2$ along the split-query ray.** Distance scoring alone does not make a
+#   layer Lipschitz: the tie does. The models of chapters 05 and 07 project queries and keys with
+#   separate weights, so the guarantee does not cover them.
+#
+# Two rays are evidence, not a proof: bounded along the rays we tried says nothing about the
+# others, and the proof of the tied case is Kim et al.'s. The growth, by contrast, is a
+# counterexample, asserted here:
+
+# %%
+def growth(ray: str, name: str) -> float:
+    """How much the Jacobian norm grows from c = 16 to c = 64 (16 for c² growth, about 1 when bounded)."""
+    norms = jacobian_norms[ray, name]
+    return norms[stretch_factors.index(64)] / norms[stretch_factors.index(16)]
+
+
+for name in ("dot, untied", "dot, tied"):
+    assert growth("token at the origin", name) > 8, f"{name} should grow as c² along the origin ray"
+assert growth("query between two keys", "RBF, untied") > 8, "untied RBF should grow along the split ray"
+for ray in rays:
+    assert growth(ray, "RBF, tied") < 1.5, f"tied RBF should stay bounded along the {ray} ray"
+print("✓ dot grows as c² at a token on the origin, untied RBF at a query between two keys; tied RBF stays bounded")
 
 # %% [markdown]
 # ## Summary
@@ -603,8 +675,11 @@ assert max(gaps_between_scores) < 0.1
 # - One register at the origin (key and value zero) took more than 90% of every lonely query's
 #   mass, left the busy queries' attention unchanged, and shrank the lonely outputs to near zero.
 #   In front of the keys, under a bottom-right causal mask, every query sees it.
-# - Softmax shares one unit of mass: with $n$ relevant keys each gets at most $1/n$, and the
-#   output's ability to tell them apart falls, for dot product and RBF alike.
+# - With norms held fixed and more and more keys, softmax attention flattens under both scores:
+#   the best key keeps its rank but loses its share. RBF's cap at zero does not prevent it; at
+#   the shared scale $1/\sqrt D$ RBF flattens later only because its $q\cdot k$ term is doubled.
+# - Dot-product attention is not Lipschitz, and untied RBF attention is not either: both Jacobians
+#   grew as $c^2$ along an input ray built for them. Tied RBF stayed bounded.
 #
 # ## Where this breaks
 #
@@ -618,6 +693,30 @@ assert max(gaps_between_scores) < 0.1
 # - **A register holds mass, not information.** With its value at zero it only says "nothing
 #   here"; more registers (`num_registers`) or trained values are needed before they can carry
 #   anything.
-# - **Selectivity stays a limit.** Neither the score nor registers change the $1/n$ sharing. With
-#   256 keys on a CPU, distinguishability fell from 1.0 at one relevant key to about 0.77 at 64,
-#   for both scores; other normalisations than softmax are outside this tutorial.
+# - **Selectivity stays a limit.** Neither the score nor a register changes how softmax shares one
+#   unit of mass. Sharper logits delay the flattening; only norms that grow with $N$ (or a different
+#   normaliser, outside this tutorial) could stop it. A trained model chooses its norms, which this
+#   experiment holds fixed.
+# - **The Lipschitz picture is one head, no mask, tiny sizes.** Causal masks, several heads, layer
+#   norms and residual connections all change the constant; the experiment shows which way the
+#   score and the tie push, not the constant of any model.
+
+# %% [markdown]
+# ## Sources and further reading
+#
+# - T. Darcet, M. Oquab, J. Mairal, P. Bojanowski, *Vision Transformers Need Registers*
+#   (arXiv:2309.16588): extra learnable tokens that give a transformer somewhere to put global
+#   computation; the registers of this chapter are that idea, placed at the origin.
+# - G. Xiao, Y. Tian, B. Chen, S. Han, M. Lewis, *Efficient Streaming Language Models with Attention
+#   Sinks* (arXiv:2309.17453): trained language models send a large share of attention to the first
+#   tokens whatever their content; the "attention sink" this chapter builds by hand.
+# - R. Pisoni, *Scaled RBF Attention: Trading Dot Products for Euclidean Distance*
+#   (https://pisoni.ai/posts/scaled-rbf-attention/) and https://github.com/4rtemi5/rbf_attention:
+#   the RBF-attention experiment that introduced zero-initialised register tokens for RBF, so that
+#   a register's distance to a query is the query's own length.
+# - T. Mudarisov, M. Burtsev, T. Petrova, R. State, *Limitations of Normalization in Attention
+#   Mechanism* (arXiv:2508.17821): vanishing attention as the context grows; the claim the
+#   selectivity experiment tests.
+# - H. Kim, G. Papamakarios, A. Mnih, *The Lipschitz Constant of Self-Attention* (arXiv:2006.04710):
+#   dot-product self-attention is not Lipschitz, L2 self-attention with tied query and key weights
+#   is; the result the Jacobian measurement is compared with.

@@ -7,10 +7,14 @@ Three ways to tell attention where a token is, and what each does to a *distance
   so ``-|q_m - k_n|^2 = 2 q.R(n-m) k - |q|^2 - |k|^2`` is well defined. But identical content at
   two different positions is rotated apart: it is no longer close, and closeness is what RBF
   attention scores.
-* :class:`SuSiE` *adds* a sinusoid table ``P`` to queries and keys, with a learnable weight per
-  head and frequency. With pairs ``(sin(w_f n), cos(w_f n))`` of weight ``s_f`` the table's
-  distances are ``|P_i - P_j|^2 = sum_f 4 s_f^2 sin^2(w_f (i - j) / 2)``: a penalty that depends
-  only on the offset, never on the content (:func:`susie_distance_squared`).
+* :class:`SuSiE` (Subspace Sinusoidal Embeddings, the name the RBF-attention experiment at
+  https://github.com/4rtemi5/rbf_attention gives them) *adds* a sinusoid table ``P`` to queries
+  and keys, with a learnable weight per head and frequency. With pairs ``(sin(w_f n), cos(w_f n))``
+  of weight ``s_f`` the table's distances are ``|P_i - P_j|^2 = sum_f 4 s_f^2 sin^2(w_f (i - j) / 2)``:
+  a penalty that depends only on the offset, never on the content (:func:`susie_distance_squared`).
+  RoPE pushes two copies of a content ``x`` apart by the same formula, with ``x``'s own pair
+  lengths as weights; :func:`rope_equivalent_scales` gives the SuSiE weights that match RoPE on
+  average over contents.
 * :class:`LearnedPositions` is the absolute learned embedding (as in GPT-2), for comparison.
 
 Conventions shared by all three: the head dim ``D`` is split into ``D / 2`` consecutive pairs
@@ -33,6 +37,7 @@ __all__ = [
     "LearnedPositions",
     "SuSiE",
     "rope",
+    "rope_equivalent_scales",
     "rope_frequencies",
     "susie_distance_squared",
     "susie_table",
@@ -206,6 +211,26 @@ def susie_distance_squared(
     if weights is None:
         return per_frequency.sum(dim=-1)
     return (per_frequency.to(weights.dtype) * weights.square()).sum(dim=-1)
+
+
+def rope_equivalent_scales(contents: torch.Tensor) -> torch.Tensor:
+    """SuSiE weights ``(D / 2,)`` whose position penalty equals RoPE's, averaged over ``contents``.
+
+    A content ``x`` placed ``offset`` tokens apart is pushed away from itself by RoPE by
+    ``sum_f 4 r_f^2 sin^2(w_f offset / 2)``, with ``r_f^2 = x[2f]^2 + x[2f+1]^2`` its energy in pair
+    ``f``; SuSiE's table by ``sum_f 4 s_f^2 sin^2(w_f offset / 2)``. With ``s_f^2`` the mean of
+    ``r_f^2`` over the contents, the two agree, on average over those contents, at every offset
+    exactly: the same positional strength. Rotations keep each pair's energy, so queries or keys
+    taken after RoPE work as well as before it.
+
+    Args:
+        contents: ``(..., D)`` vectors (queries or keys), ``D`` even; every leading dim is averaged.
+    """
+    if not isinstance(contents, torch.Tensor) or not contents.is_floating_point():
+        raise TypeError("contents: expected a floating-point torch.Tensor (..., D)")
+    _even_dim("contents.shape[-1]", contents.shape[-1] if contents.dim() else 0)
+    pair_energy = contents.detach().unflatten(-1, (-1, 2)).square().sum(dim=-1)  # (..., D / 2)
+    return pair_energy.reshape(-1, pair_energy.shape[-1]).mean(dim=0).sqrt()
 
 
 class SuSiE(nn.Module):

@@ -11,6 +11,12 @@ from rbf_tutorial.reference import causal_visibility
 # ---------------------------------------------------------------- exercise 1: key beats register
 
 
+def assert_one_pass_line(out: str) -> None:
+    """A check that passes prints exactly one line, starting with ✓."""
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("✓ "), out
+
+
 def key_beats_register(q, k):
     distances = (q[..., :, None, :] - k[..., None, :, :]).norm(dim=-1)
     return distances < q.norm(dim=-1)[..., None]
@@ -43,7 +49,7 @@ def key_beats_register_dot_positive(q, k):
 @pytest.mark.parametrize("solution", [key_beats_register, key_beats_register_expanded])
 def test_key_beats_register_accepts_correct(solution, capsys):
     ch04.check_key_beats_register(solution)
-    assert "correct" in capsys.readouterr().out
+    assert_one_pass_line(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +113,7 @@ def register_weight_keepdim(q, k, scale):
 @pytest.mark.parametrize("solution", [register_weight, register_weight_by_softmax])
 def test_register_weight_accepts_correct(solution, capsys):
     ch04.check_register_weight(solution)
-    assert "correct" in capsys.readouterr().out
+    assert_one_pass_line(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize(
@@ -194,7 +200,7 @@ def attention_with_register_ignores_causal(q, k, v, register_key, register_value
 
 def test_attention_with_register_accepts_correct(capsys):
     ch04.check_attention_with_register(attention_with_register)
-    assert "correct" in capsys.readouterr().out
+    assert_one_pass_line(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize(

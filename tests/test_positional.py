@@ -289,3 +289,30 @@ def test_learned_positions_add_a_trainable_row_per_position():
 def test_bad_input_is_named(call, error, name):
     with pytest.raises(error, match=f"^{name}: "):
         call()
+
+
+def test_rope_equivalent_scales_match_ropes_mean_penalty_at_every_offset():
+    from rbf_tutorial.positional import rope_equivalent_scales
+
+    generator = torch.Generator().manual_seed(21)
+    # Contents with unequal energy per pair, as a trained model's keys have.
+    contents = torch.randn(50, 16, generator=generator, dtype=torch.float64) * torch.linspace(0.2, 3.0, 16)
+    scales = rope_equivalent_scales(contents)
+    assert scales.shape == (8,)
+    offsets = torch.tensor([1.0, 3.0, 17.0, 250.0])
+    for offset in offsets:
+        moved = rope(contents, torch.full((50,), 7.0) + offset)
+        rope_penalty = (moved - rope(contents, torch.full((50,), 7.0))).square().sum(-1).mean()
+        expected = susie_distance_squared(offset, 16, scales)
+        torch.testing.assert_close(rope_penalty, expected, rtol=1e-10, atol=1e-10)
+    # Rotating the contents first changes nothing: each pair keeps its energy.
+    torch.testing.assert_close(rope_equivalent_scales(rope(contents, torch.arange(50))), scales)
+
+
+def test_rope_equivalent_scales_rejects_odd_or_integer_contents():
+    from rbf_tutorial.positional import rope_equivalent_scales
+
+    with pytest.raises(ValueError, match="contents"):
+        rope_equivalent_scales(torch.randn(3, 5))
+    with pytest.raises(TypeError, match="contents"):
+        rope_equivalent_scales(torch.ones(3, 4, dtype=torch.int64))

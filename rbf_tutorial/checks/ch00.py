@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from .core import report_close
+from .tally import Tally
 
 __all__ = ["check_crossover_magnitude", "check_rbf_scores"]
 
@@ -31,6 +31,7 @@ def _diagnose_scores(actual: torch.Tensor, query: torch.Tensor, keys: torch.Tens
 def check_rbf_scores(rbf_scores: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> None:
     """``rbf_scores(query (D,), keys (M, D), gamma) -> (M,)`` must equal ``-gamma * |query - key|²``."""
     generator = torch.Generator().manual_seed(0)
+    tally = Tally()
     cases = [(2, 3, 1.0), (2, 5, 0.5), (8, 7, 2.0), (64, 33, 1 / 8)]
     for dim, n_keys, gamma in cases:
         query = torch.randn(dim, generator=generator, dtype=torch.float64)
@@ -47,10 +48,10 @@ def check_rbf_scores(rbf_scores: Callable[[torch.Tensor, torch.Tensor, float], t
             )
         expected = -gamma * (keys - query).square().sum(dim=-1)
         name = f"D={dim} M={n_keys} γ={gamma:g}"
-        if not report_close(actual, expected, name=name, atol=1e-8, rtol=1e-6):
+        if not tally.close(actual, expected, atol=1e-8, rtol=1e-6):
             diagnosis = _diagnose_scores(actual, query, keys, gamma)
             raise AssertionError(f"rbf_scores is wrong for {name}. {diagnosis}")
-    print("rbf_scores: correct.")
+    tally.passed("rbf_scores matches -γ|q - k|² in float64")
 
 
 def check_crossover_magnitude(
@@ -68,6 +69,7 @@ def check_crossover_magnitude(
         torch.tensor([math.cos(math.radians(60)), math.sin(math.radians(60))], dtype=torch.float64) * 4,
     )
     cases = [chapter_case]
+    tally = Tally()
     while len(cases) < 5:
         query, close_key, direction = torch.randn(3, 4, generator=generator, dtype=torch.float64)
         # Only meaningful when both keys point somewhat towards the query.
@@ -85,7 +87,7 @@ def check_crossover_magnitude(
         unit = direction / direction.norm()
         expected = float(query @ close_key / (query @ unit))
         name = f"|q|={query.norm():.2f} |k_close|={close_key.norm():.2f}"
-        if not report_close(torch.tensor(answer), torch.tensor(expected), name=name, atol=1e-6, rtol=1e-6):
+        if not tally.close(torch.tensor(answer), torch.tensor(expected), atol=1e-6, rtol=1e-6):
             hint = (
                 "Did you use long_direction without normalising it? Its length is not the magnitude."
                 if math.isclose(answer, float(query @ close_key / (query @ direction)), rel_tol=1e-6)
@@ -99,9 +101,5 @@ def check_crossover_magnitude(
         assert below < float(query @ close_key) < above, "internal: crossover formula disagrees with scoring"
     query, close_key, direction = chapter_case
     answer = float(crossover_magnitude(query, close_key, direction))
-    print(
-        f"chapter's keys: crossover at |k_long| = {answer:.4f}; q·k_close = {float(query @ close_key):.4f}, "
-        f"q·k_long at 0.99× = {0.99 * answer * float(query @ direction / direction.norm()):.4f}, "
-        f"at 1.01× = {1.01 * answer * float(query @ direction / direction.norm()):.4f}"
-    )
-    print("crossover_magnitude: correct.")
+    tally.passed(f"crossover_magnitude matches (q·k_close) / (q·u); the chapter's long key wins above "
+                 f"length {answer:.4f}")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..reference import rbf_logits_reference
-from .core import report_close
+from .tally import Tally
 
 __all__ = ["check_key_norm_logits", "check_padded_query_key"]
 
@@ -28,6 +28,7 @@ def check_key_norm_logits(
     """``key_norm_logits(q, k, scale)`` must be ``scale * (2 q·kᵀ - |k|²)``, shape (B, H, Nq, Nk),
     and give the same softmax as the true RBF logits ``-scale * |q - k|²``."""
     generator = torch.Generator().manual_seed(0)
+    tally = Tally()
     for batch, heads, n_queries, n_keys, dim in _SHAPES:
         q, k = _random_qk(generator, batch, heads, n_queries, n_keys, dim)
         scale = dim**-0.5
@@ -40,7 +41,7 @@ def check_key_norm_logits(
                 f"key_norm_logits for {name} returned {got}; "
                 f"expected shape {tuple(expected.shape)} = (B, H, Nq, Nk)."
             )
-        if not report_close(actual, expected, name=f"logits {name}", atol=1e-9, rtol=1e-9):
+        if not tally.close(actual, expected, atol=1e-9, rtol=1e-9):
             true_logits = rbf_logits_reference(q, k, scale)
             if torch.allclose(actual, true_logits, atol=1e-9, rtol=1e-9):
                 hint = (
@@ -55,9 +56,10 @@ def check_key_norm_logits(
                 hint = "Expected scale * (2 * q @ k.transpose(-2, -1) - (k**2).sum(-1)[..., None, :])."
             raise AssertionError(f"key_norm_logits is wrong for {name}. {hint}")
         same_softmax = torch.softmax(actual, -1)
-        report_close(same_softmax, torch.softmax(rbf_logits_reference(q, k, scale), -1),
-                     name=f"softmax vs RBF {name}", atol=1e-12, rtol=1e-9)
-    print("key_norm_logits: correct, and its softmax is RBF attention's.")
+        if not tally.close(same_softmax, torch.softmax(rbf_logits_reference(q, k, scale), -1), atol=1e-12,
+                           rtol=1e-9):
+            raise AssertionError(f"key_norm_logits for {name}: the softmax differs from RBF attention's.")
+    tally.passed("key_norm_logits matches scale·(2 q·kᵀ - |k|²), and its softmax is RBF attention's")
 
 
 def check_padded_query_key(
@@ -67,6 +69,7 @@ def check_padded_query_key(
     ``q_padded @ k_paddedᵀ == 2 q·kᵀ - |k|²``, with ``q_padded`` built from ``q`` alone and
     ``k_padded`` from ``k`` alone (a fused kernel sees one query and one key at a time)."""
     generator = torch.Generator().manual_seed(1)
+    tally = Tally()
     for batch, heads, n_queries, n_keys, dim in _SHAPES:
         q, k = _random_qk(generator, batch, heads, n_queries, n_keys, dim)
         result = padded_query_key(q, k)
@@ -85,8 +88,7 @@ def check_padded_query_key(
                 f"and wider than D={dim} (the extra column carries |k|²)."
             )
         expected = 2 * q @ k.transpose(-2, -1) - k.square().sum(-1)[..., None, :]
-        if not report_close(q_padded @ k_padded.transpose(-2, -1), expected, name=f"q'·k'ᵀ {name}",
-                            atol=1e-9, rtol=1e-9):
+        if not tally.close(q_padded @ k_padded.transpose(-2, -1), expected, atol=1e-9, rtol=1e-9):
             raise AssertionError(
                 f"{name}: q_padded @ k_padded.T is not 2 q·kᵀ - |k|². Hint: put 2q in the first D "
                 f"columns of q_padded and k in those of k_padded; in the extra column, a constant c in "
@@ -98,4 +100,4 @@ def check_padded_query_key(
             raise AssertionError(f"{name}: q_padded changed when only k changed; build it from q alone.")
         if not torch.equal(padded_query_key(other_q, k)[1], k_padded):
             raise AssertionError(f"{name}: k_padded changed when only q changed; build it from k alone.")
-    print("padded_query_key: correct, each side built from its own input.")
+    tally.passed("padded_query_key gives 2 q·kᵀ - |k|², each side built from its own input")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..positional import rope, rope_frequencies
-from .core import assert_close, report_close
+from .tally import Tally
 
 __all__ = ["check_rotate_pairs", "check_susie_distance_closed_form"]
 
@@ -74,6 +74,7 @@ def check_rotate_pairs(rotate_pairs: Callable[[torch.Tensor, torch.Tensor], torc
     when the angles are ``position * frequency``, it keeps lengths, and rotated dot products depend
     on the positions only through their difference."""
     generator = torch.Generator().manual_seed(5)
+    tally = Tally()
     for x, angles in _rotation_cases(generator):
         actual = rotate_pairs(x, angles)
         name = f"x {tuple(x.shape)}"
@@ -84,7 +85,7 @@ def check_rotate_pairs(rotate_pairs: Callable[[torch.Tensor, torch.Tensor], torc
                 f"expected a tensor of x's shape {tuple(x.shape)}."
             )
         expected = _rotate_pairs_reference(x, angles)
-        if not report_close(actual, expected, name=f"rotated {name}", atol=1e-10, rtol=1e-10):
+        if not tally.close(actual, expected, atol=1e-10, rtol=1e-10):
             raise AssertionError(f"rotate_pairs is wrong for {name}. {_diagnose_rotation(actual, x, angles)}")
 
     # The same rotation as the library's RoPE, when the angles are position * frequency.
@@ -92,23 +93,26 @@ def check_rotate_pairs(rotate_pairs: Callable[[torch.Tensor, torch.Tensor], torc
     x = torch.randn(2, n_tokens, dim, generator=generator, dtype=torch.float64)
     positions = torch.randint(-50, 500, (n_tokens,), generator=generator)
     angles = positions.double()[:, None] * rope_frequencies(dim)[None, :]
-    assert_close(rotate_pairs(x, angles), rope(x, positions), name="vs positional.rope", atol=1e-10,
-                 rtol=1e-10, hint="With angles = position * frequency, rotate_pairs must be RoPE.")
+    if not tally.close(rotate_pairs(x, angles), rope(x, positions), atol=1e-10, rtol=1e-10):
+        raise AssertionError("With angles = position * frequency, rotate_pairs must be RoPE "
+                             "(positional.rope); it is not.")
 
     # Rotations keep lengths, and q·k after rotating by m and n depends on n - m alone.
     q, k = torch.randn(2, dim, generator=generator, dtype=torch.float64)
     frequencies = rope_frequencies(dim)
     rotated = rotate_pairs(q, 123.0 * frequencies)
-    assert_close(rotated.norm(), q.norm(), name="|R q| vs |q|", atol=1e-10, rtol=1e-10,
-                 hint="A rotation keeps the length of every pair, so of the whole vector.")
+    if not tally.close(rotated.norm(), q.norm(), atol=1e-10, rtol=1e-10):
+        raise AssertionError("rotate_pairs changed a vector's length; a rotation keeps the length of every "
+                             "pair, so of the whole vector.")
     scores = []
     for shift in (0.0, 7.0, 1000.0):
         query_angles, key_angles = (40.0 + shift) * frequencies, (25.0 + shift) * frequencies
         scores.append(rotate_pairs(q, query_angles) @ rotate_pairs(k, key_angles))
     scores = torch.stack(scores)
-    assert_close(scores, scores[:1].expand(3), name="q·k shifted 0/7/1000", atol=1e-9, rtol=1e-9,
-                 hint="Shifting both positions by the same amount must not change the score.")
-    print("rotate_pairs: correct; it is RoPE, it keeps lengths, and scores see only n - m.")
+    if not tally.close(scores, scores[:1].expand(3), atol=1e-9, rtol=1e-9):
+        raise AssertionError("Shifting both positions by the same amount changed q·k; rotated scores must "
+                             "depend on the positions only through their difference.")
+    tally.passed("rotate_pairs is RoPE: it keeps lengths, and scores see only n - m")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,6 +160,7 @@ def check_susie_distance_closed_form(
     ``sum_f 4 weights[f]² sin²(frequencies[f] * offset / 2)``: checked against building the weighted
     table ``(w sin(ω p), w cos(ω p))`` at random (float, negative too) positions and subtracting."""
     generator = torch.Generator().manual_seed(6)
+    tally = Tally()
     for offset_shape, n_frequencies in [((), 1), ((7,), 4), ((3, 5), 32), ((2, 2, 9), 8)]:
         frequencies = rope_frequencies(2 * n_frequencies)
         weights = torch.randn(n_frequencies, generator=generator, dtype=torch.float64)
@@ -171,7 +176,7 @@ def check_susie_distance_closed_form(
                 f"offset, shape {tuple(offsets.shape)} (sum over the frequencies, the last axis)."
             )
         expected = _table_distance_squared(positions_i, positions_j, frequencies, weights)
-        if not report_close(actual, expected, name=name, atol=1e-9, rtol=1e-9):
+        if not tally.close(actual, expected, atol=1e-9, rtol=1e-9):
             hint = _diagnose_distance(actual, offsets, frequencies, weights)
             raise AssertionError(f"susie_distance_closed_form is wrong for {name}. {hint}")
-    print("susie_distance_closed_form: correct; the table's distances depend on the offset alone.")
+    tally.passed("susie_distance_closed_form matches the table's distances, which depend on the offset alone")

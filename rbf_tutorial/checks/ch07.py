@@ -10,7 +10,7 @@ import torch
 
 from .. import data
 from ..model import GPT, AttentionCapture, ModelConfig
-from .core import report_close
+from .tally import Tally
 
 __all__ = ["check_bits_per_byte", "check_key_norm_medians", "check_validation_loss"]
 
@@ -49,6 +49,7 @@ def check_bits_per_byte(bits_per_byte: Callable[[float, int, int], float]) -> No
     * ln 2)`` bits per byte. Checked on random losses and token/byte counts, byte-level (one token per
     byte) and tokenised (several bytes per token)."""
     generator = torch.Generator().manual_seed(7)
+    tally = Tally()
     cases = [(math.log(256), 1000, 1000)]  # a uniform guess over bytes: exactly 8 bits per byte
     for tokenised in (False, False, True, True, True, True):
         loss = 0.2 + 5 * torch.rand((), generator=generator, dtype=torch.float64).item()
@@ -58,9 +59,8 @@ def check_bits_per_byte(bits_per_byte: Callable[[float, int, int], float]) -> No
     for loss, n_tokens, n_bytes in cases:
         actual = _as_float_tensor(bits_per_byte(loss, n_tokens, n_bytes), "bits_per_byte")
         expected = torch.tensor(loss * n_tokens / (n_bytes * math.log(2)), dtype=torch.float64)
-        name = f"{loss:.3f} nats, {n_tokens} tok, {n_bytes} B"
         # rtol 1e-6: a float32 answer is a right answer.
-        if not report_close(actual, expected, name=name, atol=1e-9, rtol=1e-6):
+        if not tally.close(actual, expected, atol=1e-9, rtol=1e-6):
             ratio = n_tokens / n_bytes
             near_misses = {
                 "loss * ln 2: to turn nats into bits divide by ln 2 (one bit is ln 2 nats)": (
@@ -78,7 +78,7 @@ def check_bits_per_byte(bits_per_byte: Callable[[float, int, int], float]) -> No
                 f"bits_per_byte({loss}, {n_tokens}, {n_bytes}) is wrong. "
                 + (hint or "Expected loss_nats * n_tokens / (n_bytes * math.log(2)).")
             )
-    print("bits_per_byte: correct; ln 256 nats per byte is 8 bits per byte, a uniform guess.")
+    tally.passed("bits_per_byte is right; ln 256 nats per byte is 8 bits per byte, a uniform guess")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,6 +111,7 @@ def check_key_norm_medians(key_norm_medians: Callable[[Sequence[AttentionCapture
     head_dim)``; registers are not keys of tokens and stay out). Counts are odd here, so the median
     is one of the lengths whichever definition you use."""
     generator = torch.Generator().manual_seed(7)
+    tally = Tally()
     for n_layers, shape in [(1, (1, 1, 5, 4)), (3, (3, 1, 7, 8)), (4, (1, 3, 33, 16))]:
         captures = _random_captures(generator, n_layers, shape)
         result = key_norm_medians(captures)
@@ -123,7 +124,7 @@ def check_key_norm_medians(key_norm_medians: Callable[[Sequence[AttentionCapture
             )
         norms = [c.k.double().norm(dim=-1).flatten() for c in captures]
         expected = torch.stack([n.median() for n in norms])
-        if not report_close(actual, expected, name=name, atol=1e-5, rtol=1e-5):
+        if not tally.close(actual, expected, atol=1e-5, rtol=1e-5):
             pooled = torch.cat(norms).median()
             hint = _first_match(
                 actual,
@@ -146,7 +147,7 @@ def check_key_norm_medians(key_norm_medians: Callable[[Sequence[AttentionCapture
                 f"key_norm_medians is wrong for {name}. "
                 + (hint or "Expected torch.stack([c.k.norm(dim=-1).flatten().median() for c in captures]).")
             )
-    print("key_norm_medians: correct; one typical key length per layer.")
+    tally.passed("key_norm_medians gives one median key length per layer")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,6 +193,7 @@ def check_validation_loss(validation_loss: Callable[..., float]) -> None:
     smaller last batch weighs less), with dropout off (``model.eval()``), and the model handed back
     in the mode it came in. Checked on a tiny model with dropout and random bytes."""
     generator = torch.Generator().manual_seed(7)
+    tally = Tally()
     cases = [
         # 10 possible windows, batches of 4: 4 + 4 + 2, so a plain mean of batch means is off.
         dict(length=16 + 1 + 9, batch_size=4, context=16, max_batches=5),
@@ -227,7 +229,7 @@ def check_validation_loss(validation_loss: Callable[..., float]) -> None:
                 "was_training = model.training, and call model.train(was_training) before returning."
             )
         expected = torch.tensor(_reference_validation_loss(model, tokens, **case), dtype=torch.float64)
-        if not report_close(actual, expected, name=name, atol=1e-5, rtol=1e-5):
+        if not tally.close(actual, expected, atol=1e-5, rtol=1e-5):
             hint = _first_match(
                 actual,
                 expected,
@@ -248,4 +250,4 @@ def check_validation_loss(validation_loss: Callable[..., float]) -> None:
                 f"validation_loss is wrong for {name}. "
                 + (hint or "Expected the token-weighted mean of the loss over data.eval_windows(...).")
             )
-    print("validation_loss: correct; every token weighs the same, dropout off, model left as it came.")
+    tally.passed("validation_loss weighs every token once, with dropout off, and leaves the model as it came")
