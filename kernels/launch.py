@@ -29,11 +29,21 @@ import triton
 from torch._subclasses.fake_tensor import is_fake
 from triton.runtime.errors import OutOfResources
 
-from rbf_tutorial.runtime import interpreting
+from rbf_tutorial.runtime import interpreting as _interpreting_now
 
 from .backward import dkdv_kernel, dq_kernel
 from .exclusive import exclusive_preprocess_kernel
 from .forward import rbf_forward_kernel
+
+# Triton reads TRITON_INTERPRET when the kernels below are decorated, at import: how they run is fixed
+# from then on, so the answer is read once rather than from the environment on every launch.
+_INTERPRETING = _interpreting_now()
+
+
+def interpreting() -> bool:
+    """Whether the kernels of this module run through the CPU interpreter (decided at import)."""
+    return _INTERPRETING
+
 
 LOG2_E = math.log2(math.e)
 MAX_HEAD_DIM = 256
@@ -134,6 +144,11 @@ def _launch_with_tile(kernel, tile: Tile, grid: Grid, args: tuple, constexprs: d
         *args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **constexprs)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Not triton.cdiv: on the host that is a constexpr function whose wrapper costs microseconds a call.
+    return -(-a // b)
+
+
 def _block_dim(dim: int) -> int:
     # tl.dot wants every tile dimension to be a power of two, at least 16.
     return max(16, triton.next_power_of_2(dim))
@@ -141,7 +156,8 @@ def _block_dim(dim: int) -> int:
 
 def _prepare(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # The kernels take any batch, head and sequence strides, but read the head dim contiguously.
-    x = x.to(dtype)
+    if x.dtype != dtype:  # (a same-dtype .to() returns x, but costs a dispatch on every call)
+        x = x.to(dtype)
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
@@ -199,11 +215,11 @@ def flash_forward(q, k, v, causal: bool, scale: float, exclusive: bool = False, 
     constexprs = dict(_constexprs(compute, int(q.shape[-1]), int(v.shape[-1]), causal), EXCLUSIVE=exclusive)
 
     def grid(tile):  # one program per query tile and (batch, head)
-        return (triton.cdiv(n_queries, tile["BLOCK_M"]), batch * heads)
+        return (_cdiv(n_queries, tile["BLOCK_M"]), batch * heads)
 
     _launch(rbf_forward_kernel, FORWARD_TILES, grid, args, constexprs,
             (n_queries, n_keys, compute, *constexprs.values()), traced)
-    return out.to(out_dtype), lse, own_coef
+    return (out if out.dtype == out_dtype else out.to(out_dtype)), lse, own_coef
 
 
 def flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float, own_coef=None, *,
@@ -233,7 +249,7 @@ def flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float, own_
         preprocess = torch.library.wrap_triton(exclusive_preprocess_kernel) if traced \
             else exclusive_preprocess_kernel
         if not (traced and _only_shapes(preprocess_args)):
-            preprocess[(triton.cdiv(n_queries, XSA_PREPROCESS_BLOCK_M), batch * heads)](
+            preprocess[(_cdiv(n_queries, XSA_PREPROCESS_BLOCK_M), batch * heads)](
                 *preprocess_args, HEAD_DIM_V=constexprs["HEAD_DIM_V"], BLOCK_DV=constexprs["BLOCK_DV"],
                 PAD_DV=constexprs["PAD_DV"], FP64_INPUTS=constexprs["FP64_INPUTS"],
                 BLOCK_M=XSA_PREPROCESS_BLOCK_M)
@@ -249,10 +265,10 @@ def flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float, own_
     shape_key = (n_queries, n_keys, compute, exclusive, *constexprs.values())
 
     def query_tiles(tile):  # dq: one program per query tile and (batch, head)
-        return (triton.cdiv(n_queries, tile["BLOCK_M"]), batch * heads)
+        return (_cdiv(n_queries, tile["BLOCK_M"]), batch * heads)
 
     def key_tiles(tile):  # dkdv: one program per key tile and (batch, head)
-        return (triton.cdiv(n_keys, tile["BLOCK_N"]), batch * heads)
+        return (_cdiv(n_keys, tile["BLOCK_N"]), batch * heads)
 
     # dq first: without XSA it computes Delta = rowsum(dO * O), which dkdv then reads.
     _launch(dq_kernel, DQ_TILES, query_tiles,
@@ -265,4 +281,5 @@ def flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float, own_
              *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *own_strides,
              *sizes_and_scales),
             dict(constexprs, EXCLUSIVE=exclusive), shape_key, traced)
-    return tuple(g.to(dtype) for g, dtype in zip((dq, dk, dv), dtypes, strict=True))
+    grads = (dq, dk, dv)
+    return tuple(g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(grads, dtypes, strict=True))

@@ -18,9 +18,7 @@ import math
 
 import torch
 
-from rbf_tutorial.runtime import interpreting
-
-from .launch import MAX_HEAD_DIM, flash_backward, flash_forward
+from .launch import MAX_HEAD_DIM, flash_backward, flash_forward, interpreting
 
 
 def _kernel_operator(name: str):
