@@ -12,7 +12,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from torch._inductor.utils import run_and_get_code
 
 from rbf_tutorial.model import GPT, MODEL_PRESETS
 from rbf_tutorial.train import VARIANTS
@@ -30,6 +29,10 @@ def loss_and_grads(run, model, tokens, targets):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_compiled_model_has_no_graph_breaks_and_matches_eager(variant):
+    # Imported here: Inductor imports triton, which must not happen before rbf_tutorial has chosen
+    # compiled or interpreted kernels for this machine (the whole suite is collected on CPUs too).
+    from torch._inductor.utils import run_and_get_code
+
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = GPT(replace(SMALL, **VARIANTS[variant])).cuda()
