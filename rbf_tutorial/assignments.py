@@ -9,9 +9,13 @@ writes
     OUT_DIR/course/                     an nbgrader course folder (nbgrader_config.py, source/,
                                         release/, gradebook.db): collect and autograde from here
 
-Each chapter is its own nbgrader assignment named after the chapter (``00_setup_and_the_bully``),
-holding one notebook of the same name. The gradebook is an sqlite file inside the course folder, so
-nothing has to be set up beforehand and nothing outside OUT_DIR is read or written. Runs offline.
+A chapter file is ``NN_topic.py``, or ``NNa_topic.py``, ``NNb_topic.py`` for a chapter taught in
+parts (``03a_triton_forward.py``, ``03b_triton_backward.py``). Its id is ``NN`` or ``NNa``;
+``--chapters 03`` selects every part of chapter 03, ``--chapters 03a`` one part, and ``3`` means
+``03``. Each chapter file is its own nbgrader assignment named after the file
+(``00_setup_and_the_bully``), holding one notebook of the same name. The gradebook is an sqlite
+file inside the course folder, so nothing has to be set up beforehand and nothing outside OUT_DIR
+is read or written. Runs offline.
 """
 
 from __future__ import annotations
@@ -25,12 +29,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .paths import default_chapters_dir
+
 # Jupytext reads cell metadata from the `# %% nbgrader={...}` lines; the notebook-level metadata it
 # drops (jupytext.toml keeps chapter sources free of it) is put back here, so the generated
 # notebooks open with the ordinary Python kernel.
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
-CHAPTER_FILE_PATTERN = re.compile(r"^(\d\d)_\w+\.py$")
+# "00_setup_and_the_bully.py" (id "00") and the parts of a chapter, "03a_triton_forward.py" (id "03a").
+CHAPTER_FILE_PATTERN = re.compile(r"^(\d\d[a-z]?)_\w+\.py$")
+# What --chapters accepts: a number with an optional part letter, "3", "03", "03a", "3b".
+CHAPTER_ID_PATTERN = re.compile(r"^(\d+)([a-z]?)$")
 
 # Written into OUT_DIR/course so that `nbgrader collect` / `nbgrader autograde` run from that folder
 # find the same gradebook generate_assignment filled (checksums and points of every graded cell).
@@ -49,7 +58,7 @@ class AssignmentError(Exception):
 
 @dataclass(frozen=True)
 class Chapter:
-    chapter_id: str  # "00"
+    chapter_id: str  # "00", or "03a" for a part
     source: Path  # chapters/00_setup_and_the_bully.py
 
     @property
@@ -65,7 +74,7 @@ class GeneratedAssignment:
 
 
 def find_chapters(chapters_dir: Path) -> dict[str, Chapter]:
-    """Every chapter in `chapters_dir`, keyed by its two-digit id."""
+    """Every chapter file in `chapters_dir`, keyed by its id ("00", "03a"), in file order."""
     found = {}
     for path in sorted(chapters_dir.glob("*.py")):
         match = CHAPTER_FILE_PATTERN.match(path.name)
@@ -75,17 +84,27 @@ def find_chapters(chapters_dir: Path) -> dict[str, Chapter]:
 
 
 def select_chapters(available: dict[str, Chapter], requested: list[str] | None) -> list[Chapter]:
-    """The chapters named in `requested` ("3" and "03" both mean chapter 03), or all of them."""
+    """The chapters named in `requested`, or all of them.
+
+    "3" and "03" both mean chapter 03: the file 03_topic.py, or every part of it (03a, 03b, ...).
+    "03a" (or "3a") means that part alone.
+    """
     if not requested:
         return list(available.values())
     selected = []
     for raw_id in requested:
-        chapter_id = raw_id.strip().zfill(2)
-        if chapter_id not in available:
+        match = CHAPTER_ID_PATTERN.match(raw_id.strip().lower())
+        chapter_id = f"{int(match.group(1)):02d}{match.group(2)}" if match else raw_id.strip()
+        if chapter_id in available:
+            matching = [available[chapter_id]]
+        elif match and not match.group(2):  # a chapter number: all of its parts
+            matching = [chapter for key, chapter in available.items() if key[:2] == chapter_id and key[2:]]
+        else:
+            matching = []
+        if not matching:
             known = ", ".join(available) or "none"
             raise AssignmentError(f"--chapters: no chapter {raw_id.strip()!r} (available: {known})")
-        if available[chapter_id] not in selected:
-            selected.append(available[chapter_id])
+        selected.extend(chapter for chapter in matching if chapter not in selected)
     return selected
 
 
@@ -153,14 +172,12 @@ def generate_assignments(
     out_dir: Path, chapter_ids: list[str] | None = None, chapters_dir: Path | None = None
 ) -> list[GeneratedAssignment]:
     """Build the student and instructor notebooks of the chosen chapters (default: all) in `out_dir`."""
-    from .cli import default_chapters_dir
-
     chapters_dir = chapters_dir or default_chapters_dir()
     if chapters_dir is None or not chapters_dir.is_dir():
         raise AssignmentError("no chapters/ folder found: run from a checkout of rbf-tutorial")
     available = find_chapters(chapters_dir)
     if not available:
-        raise AssignmentError(f"no chapters (NN_topic.py) in {chapters_dir}")
+        raise AssignmentError(f"no chapters (NN_topic.py or NNa_topic.py) in {chapters_dir}")
     selected = select_chapters(available, chapter_ids)
     out_dir = prepare_output_dir(out_dir)
 
@@ -200,7 +217,8 @@ def build_parser(prog: str = "rbf-tutorial assignments") -> argparse.ArgumentPar
     parser.add_argument(
         "--chapters",
         default=None,
-        help="comma-separated chapter ids, e.g. 00,01 (default: every chapter)",
+        help="comma-separated chapter ids, e.g. 00,01; 03 is both parts of chapter 03, 03a one of them "
+        "(default: every chapter)",
     )
     return parser
 
