@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from .bench_reference import family_references
 
 __all__ = [
-    "DEFAULT_METHODS", "FLASH", "METHODS", "MODES", "RECORDED_DIR", "BenchConfig", "Cell", "Method", "Result",
-    "attention_flops", "grid", "load_results", "main", "measure_method", "newest_recording", "relative_error",
-    "run_benchmark", "write_json",
+    "DEFAULT_METHODS", "FLASH", "METHODS", "MODES", "RECORDED_DIR", "SAME_IN_EVERY_PART", "BenchConfig",
+    "Cell", "Method", "Result", "attention_flops", "grid", "load_results", "main", "measure_method",
+    "merge_runs", "newest_recording", "relative_error", "run_benchmark", "write_json",
 ]
 
 MODES: tuple[str, ...] = ("fwd", "fwd+bwd")
@@ -573,6 +573,46 @@ def load_results(path: Path | str | None = None) -> tuple[list[Result], dict[str
     results = [Result(**{key: _number_from_json(value) for key, value in record.items() if key in fields})
                for record in document["results"]]
     return results, document["metadata"]
+
+
+#: Metadata that must agree for runs to be shown as one: the machine, the software, the sizes.
+SAME_IN_EVERY_PART: tuple[str, ...] = ("device", "torch", "triton", "cuda", "dtype", "batch",
+                                       "heads_times_head_dim")
+
+
+Run = tuple[Sequence[Result], dict[str, Any]]  # results and metadata, as load_results returns them
+
+
+def merge_runs(runs: Sequence[Run]) -> tuple[list[Result], dict[str, Any]]:
+    """Runs over parts of one grid (``--n 1024`` then ``--n 4096,16384``) as one run, in grid order.
+
+    A cell measured again in a later run replaces the earlier one whole, never method by method,
+    so every ``x flash`` ratio still divides by the flash time measured next to it. The runs must
+    agree on :data:`SAME_IN_EVERY_PART` where both state it. The metadata is every run's (a later
+    run's value wins); ``parts`` lists each part's command, date, duration and completeness,
+    ``command`` joins the commands with ``" ; "``, ``elapsed_s`` is their sum, and ``complete``
+    holds only when every part finished.
+    """
+    if not runs:
+        raise ValueError("runs: expected at least one (results, metadata) pair")
+    for field in SAME_IN_EVERY_PART:
+        values = list(dict.fromkeys(str(metadata[field]) for _, metadata in runs if field in metadata))
+        if len(values) > 1:
+            raise ValueError(f"runs: cannot merge runs made with different {field}: {', '.join(values)}")
+    cells: dict[Cell, list[Result]] = {}
+    for results, _ in runs:
+        measured: dict[Cell, list[Result]] = {}
+        for r in results:
+            measured.setdefault(r.cell, []).append(r)
+        cells.update(measured)
+    in_grid_order = sorted(cells, key=lambda c: (c.head_dim, c.seq_len, c.causal, MODES.index(c.mode)))
+    parts = [part for _, metadata in runs for part in metadata.get("parts") or [
+        {key: metadata.get(key) for key in ("command", "date", "elapsed_s", "complete")}]]
+    merged = {key: value for _, metadata in runs for key, value in metadata.items()}  # later runs win
+    merged |= {"parts": parts, "command": " ; ".join(str(p["command"]) for p in parts),
+               "elapsed_s": round(sum(p["elapsed_s"] or 0.0 for p in parts), 1),
+               "complete": all(p["complete"] is not False for p in parts)}
+    return [r for cell in in_grid_order for r in cells[cell]], merged
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:

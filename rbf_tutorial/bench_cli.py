@@ -1,7 +1,9 @@
 """The benchmark's command line: ``python -m rbf_tutorial.bench`` (or ``rbf-tutorial bench``).
 
 Parses the options into a :class:`Plan`, runs it (:func:`rbf_tutorial.bench.run_benchmark`), saves
-``bench.json`` after every cell, and prints the target verdicts and the tables last.
+``bench.json`` after every cell, and prints the target verdicts and the tables last. A grid too long
+for one sitting is measured in parts: ``--append`` adds a run's cells to the ``bench.json`` already in
+``--out``, and ``--merge`` combines finished ``bench.json`` files without measuring anything.
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             "side by side with dot-product SDPA (flash and cuDNN backends) on this GPU, in bf16 with "
             "B=4 and H=1024/D. Every time is taken twice: eager (what a Python loop gets) and as a "
             "CUDA-graph replay (the GPU's share). Prints a progress line per cell and the tables last; "
-            "writes bench.json (after every cell), table.txt and PNG plots to --out. Needs a CUDA GPU "
-            "(--help works anywhere)."
+            "writes bench.json (after every cell), table.txt and PNG plots to --out. A grid can be measured "
+            "in parts (--append, or --merge afterwards). Needs a CUDA GPU (--help and --merge work anywhere)."
         ),
     )
     add = parser.add_argument
@@ -86,6 +88,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seed for the random inputs (default 0)")
     add("--no-plots", action="store_true", help="skip the PNG plots")
     add("--targets", action="store_true", help=bench_report.TARGETS_HELP)
+    parts = parser.add_mutually_exclusive_group()
+    parts.add_argument("--append", action="store_true",
+                       help="add this run's cells to the bench.json already in --out (a grid measured "
+                       "in parts, e.g. --n 1024 then --n 4096,16384 --append): a cell measured again "
+                       "replaces its old numbers, the file is saved after every cell, and the tables and "
+                       "targets cover it all")
+    parts.add_argument("--merge", type=Path, nargs="+", metavar="BENCH_JSON", default=(),
+                       help="measure nothing: combine bench.json files of runs over parts of one grid (same "
+                       "device and versions; a later file's cell replaces an earlier one's) into --out, and "
+                       "print the tables (and --targets); needs no GPU")
     return parser
 
 
@@ -99,6 +111,8 @@ class Plan:
     out_dir: Path
     targets: bool
     plots: bool
+    append: bool = False  # add to OUT/bench.json rather than replace it
+    merge: tuple[Path, ...] = ()  # combine these bench.json files instead of measuring
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
@@ -113,7 +127,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
                        args.n or (QUICK_SEQ_LENS if quick else DEFAULT_SEQ_LENS),
                        {"both": (False, True), "true": (True,), "false": (False,)}[args.causal], args.modes)
     methods = tuple(name for name in METHODS if name in args.methods or name == FLASH)
-    return Plan(tuple(cells), methods, config, args.out, targets=args.targets, plots=not args.no_plots)
+    return Plan(tuple(cells), methods, config, args.out, targets=args.targets, plots=not args.no_plots,
+                append=args.append, merge=tuple(args.merge))
 
 
 def run_metadata(config: BenchConfig, argv: Sequence[str], seconds: float) -> dict[str, Any]:
@@ -149,10 +164,63 @@ def run_metadata(config: BenchConfig, argv: Sequence[str], seconds: float) -> di
     }
 
 
+def _methods_in(results: Sequence[Result]) -> list[str]:
+    """The methods a (possibly merged) run measured, in table order."""
+    present = dict.fromkeys(r.method for r in results)
+    return [name for name in METHODS if name in present] + [name for name in present if name not in METHODS]
+
+
+def _report(results: list[Result], metadata: dict[str, Any], plan: Plan) -> None:
+    """Write bench.json (with the target verdicts), table.txt and the plots; print verdicts and tables."""
+    json_path, table_path = plan.out_dir / "bench.json", plan.out_dir / "table.txt"
+    tables = bench_report.format_tables(results, _methods_in(results))
+    targets = bench_report.check_targets(results) if plan.targets else None
+    bench.write_json(json_path, results, metadata, targets)
+    table_path.write_text(tables + "\n")
+    written = [json_path, table_path]
+    if plan.plots:
+        written += bench_report.plot_results(results, plan.out_dir, device_name=metadata.get("device", ""))
+    print(f"\n{metadata.get('device', '')}, {metadata.get('elapsed_s', 0):.0f} s; "
+          f"wrote {', '.join(str(p) for p in written)}")
+    if targets is not None:
+        print("\n" + bench_report.format_target_checks(targets))
+    overhead = bench_report.format_xsa_overhead(results)
+    if overhead:
+        print("\n" + overhead)
+    print("\n" + tables)
+
+
+def _merge_files(plan: Plan) -> int:
+    try:
+        runs = [bench.load_results(path) for path in plan.merge]
+        results, metadata = bench.merge_runs(runs)
+    except (OSError, ValueError, KeyError) as error:
+        print(f"rbf_tutorial.bench --merge: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+    print(f"rbf_tutorial.bench --merge: {len(plan.merge)} runs, {len({r.cell for r in results})} cells",
+          file=sys.stderr)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    _report(results, metadata, plan)
+    return 0
+
+
+def _earlier_run(plan: Plan) -> tuple[list[Result], dict[str, Any]] | None:
+    """With --append, the run already in OUT/bench.json (None when there is none yet)."""
+    path = plan.out_dir / "bench.json"
+    if not plan.append or not path.exists():
+        return None
+    results, metadata = bench.load_results(path)
+    print(f"appending to {path}: {len({r.cell for r in results})} cells already there; a cell measured "
+          "again replaces its old numbers", file=sys.stderr)
+    return results, metadata
+
+
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     """Run the benchmark from the command line; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     plan = plan_from_args(build_parser(prog).parse_args(argv))
+    if plan.merge:
+        return _merge_files(plan)
     if not torch.cuda.is_available():
         print("rbf_tutorial.bench: no CUDA GPU is visible (torch.cuda.is_available() is False), and the "
               "benchmark times GPU kernels. Run it on a machine with an NVIDIA GPU and a CUDA build of "
@@ -162,33 +230,25 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         print("rbf_tutorial.bench: triton is not installed; it times with triton.testing.do_bench.",
               file=sys.stderr)
         return 2
+    try:
+        earlier = _earlier_run(plan)
+    except (OSError, ValueError, KeyError) as error:
+        print(f"rbf_tutorial.bench --append: {plan.out_dir / 'bench.json'}: {error}", file=sys.stderr)
+        return 2
 
-    device_name = torch.cuda.get_device_name()
-    print(f"rbf_tutorial.bench on {device_name}: {len(plan.cells)} cells x {len(plan.methods)} methods, "
-          f"torch {torch.__version__}", file=sys.stderr)
+    print(f"rbf_tutorial.bench on {torch.cuda.get_device_name()}: {len(plan.cells)} cells x "
+          f"{len(plan.methods)} methods, torch {torch.__version__}", file=sys.stderr)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, started = plan.out_dir / "bench.json", time.perf_counter()
+    started = time.perf_counter()
+
+    def with_earlier(results: list[Result], complete: bool) -> tuple[list[Result], dict[str, Any]]:
+        metadata = {**run_metadata(plan.config, argv, time.perf_counter() - started), "complete": complete}
+        return bench.merge_runs([earlier, (results, metadata)]) if earlier else (results, metadata)
 
     def save_so_far(results_so_far: list[Result]) -> None:
-        metadata = run_metadata(plan.config, argv, time.perf_counter() - started)
-        bench.write_json(json_path, results_so_far, {**metadata, "complete": False})
+        bench.write_json(plan.out_dir / "bench.json", *with_earlier(results_so_far, complete=False))
 
     results = bench.run_benchmark(plan.cells, [METHODS[name] for name in plan.methods], plan.config,
                                   after_each_cell=save_so_far)
-    seconds = time.perf_counter() - started
-    tables = bench_report.format_tables(results, plan.methods)
-    targets = bench_report.check_targets(results) if plan.targets else None
-    bench.write_json(json_path, results, {**run_metadata(plan.config, argv, seconds), "complete": True},
-                     targets)
-    (plan.out_dir / "table.txt").write_text(tables + "\n")
-    written = [json_path, plan.out_dir / "table.txt"]
-    if plan.plots:
-        written += bench_report.plot_results(results, plan.out_dir, device_name=device_name)
-    print(f"\n{device_name}, {seconds:.0f} s; wrote {', '.join(str(p) for p in written)}")
-    if targets is not None:
-        print("\n" + bench_report.format_target_checks(targets))
-    overhead = bench_report.format_xsa_overhead(results)
-    if overhead:
-        print("\n" + overhead)
-    print("\n" + tables)
+    _report(*with_earlier(results, complete=True), plan)
     return 0

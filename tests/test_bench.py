@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -456,11 +457,15 @@ def test_smoke_run_on_cpu(monkeypatch, tmp_path):
         bench.time_ratio_figure(results, timing="host")
 
 
-def test_main_wiring_saves_after_each_cell_and_prints_the_tables_last(monkeypatch, tmp_path, capsys):
+def _pretend_there_is_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Fake GPU")
     properties = types.SimpleNamespace(name="Fake GPU", total_memory=80 * 2**30, major=9, minor=0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *args: properties)
+
+
+def test_main_wiring_saves_after_each_cell_and_prints_the_tables_last(monkeypatch, tmp_path, capsys):
+    _pretend_there_is_a_gpu(monkeypatch)
     synthetic = _synthetic_results((64,), (1024,))
 
     def fake_run(cells, methods, config, *, after_each_cell):
@@ -482,3 +487,141 @@ def test_main_wiring_saves_after_each_cell_and_prints_the_tables_last(monkeypatc
     assert [t["met"] for t in saved["targets"]] == [True, True, None, True, True, True]
     assert saved["metadata"]["command"].startswith("python -m rbf_tutorial.bench --quick")
     assert (tmp_path / "table.txt").read_text().strip() in out
+
+
+# --- a grid measured in parts: merge_runs, --append, --merge ----------------------------------
+
+
+def _part(seq_lens, *, command, date, elapsed_s=100.0, complete=True, device="NVIDIA H200", **metadata):
+    results = _synthetic_results((64, 128), seq_lens)
+    return results, {"command": command, "date": date, "elapsed_s": elapsed_s, "complete": complete,
+                     "device": device, "torch": "2.11.0", "triton": "3.6.0", "batch": 4, **metadata}
+
+
+def _cells_in_order(results):
+    return list(dict.fromkeys((r.head_dim, r.seq_len, r.causal, r.mode) for r in results))
+
+
+def test_merging_parts_gives_one_run_in_grid_order_with_every_part_named():
+    first = _part((1024,), command="bench --n 1024", date="2027-01-05T10:00:00+00:00", elapsed_s=120.0)
+    second = _part((4096, 16384), command="bench --n 4096,16384 --append", date="2027-01-05T10:05:00+00:00",
+                   elapsed_s=300.0, complete=False)
+    results, metadata = bench.merge_runs([first, second])
+    full = _synthetic_results()
+    assert _cells_in_order(results) == _cells_in_order(full)  # D, N, causal, mode: not part by part
+    assert [(r.cell, r.method) for r in results] == [(r.cell, r.method) for r in full]
+    assert metadata["command"] == "bench --n 1024 ; bench --n 4096,16384 --append"
+    assert [p["date"] for p in metadata["parts"]] == [first[1]["date"], second[1]["date"]]
+    assert metadata["date"] == "2027-01-05T10:05:00+00:00" and metadata["device"] == "NVIDIA H200"
+    assert metadata["elapsed_s"] == 420.0
+    assert metadata["complete"] is False  # the second part was cut short
+    # a merged run merges again: its parts are flattened, not nested
+    third = _part((1024,), command="bench --n 1024 --d 64", date="2027-01-06T09:00:00+00:00")
+    again, metadata = bench.merge_runs([(results, metadata), third])
+    assert [p["command"] for p in metadata["parts"]] == [
+        "bench --n 1024", "bench --n 4096,16384 --append", "bench --n 1024 --d 64"]
+    assert len(again) == len(full)  # the 1024 cells were replaced, not added twice
+
+
+def test_a_cell_measured_again_replaces_the_old_cell_whole():
+    old_results, old_metadata = _part((1024,), command="old", date="1")
+    new_results, new_metadata = _part((1024,), command="new", date="2")
+    cell = bench.Cell(64, 1024, False, "fwd")
+    new_results = [r for r in new_results if r.cell != cell or r.method in ("rbf-triton", bench.FLASH)]
+    for r in new_results:
+        r.ms = 99.0 if r.cell == cell else r.ms
+    merged, _ = bench.merge_runs([(old_results, old_metadata), (new_results, new_metadata)])
+    in_cell = [r for r in merged if r.cell == cell]
+    # only what the newer run measured there: an old rbf-flex time would have been divided by another
+    # run's flash time
+    assert [(r.method, r.ms) for r in in_cell] == [("rbf-triton", 99.0), (bench.FLASH, 99.0)]
+    assert len(merged) == len(old_results) - len(FACTORS) + 2
+    assert all(any(r is fresh for fresh in new_results) for r in merged)  # the newer run covers every cell
+
+
+def test_merging_refuses_runs_from_different_machines_or_nothing():
+    h200 = _part((1024,), command="a", date="1")
+    h100 = _part((4096,), command="b", date="2", device="NVIDIA H100 80GB HBM3")
+    with pytest.raises(ValueError, match="different device: NVIDIA H200, NVIDIA H100"):
+        bench.merge_runs([h200, h100])
+    newer_torch = _part((4096,), command="b", date="2", torch="2.12.0")
+    with pytest.raises(ValueError, match="different torch"):
+        bench.merge_runs([h200, newer_torch])
+    no_versions = (h100[0], {"command": "c", "date": "3", "elapsed_s": None, "complete": True})
+    assert bench.merge_runs([h200, no_versions])[1]["device"] == "NVIDIA H200"  # unstated is no conflict
+    with pytest.raises(ValueError, match="runs"):
+        bench.merge_runs([])
+
+
+def test_append_adds_a_part_to_the_saved_run(monkeypatch, tmp_path, capsys):
+    _pretend_there_is_a_gpu(monkeypatch)
+    parts = {1024: _synthetic_results((64, 128), (1024,)), 4096: _synthetic_results((64, 128), (4096,))}
+    saved_mid_run = []
+
+    def fake_run(cells, methods, config, *, after_each_cell):
+        results = parts[cells[0].seq_len]
+        after_each_cell(results[:len(FACTORS)])  # the first cell
+        saved_mid_run.append(json.loads((tmp_path / "bench.json").read_text()))
+        return results
+
+    monkeypatch.setattr(bench, "run_benchmark", fake_run)
+    assert bench.main(["--n", "1024", "--out", str(tmp_path), "--no-plots"]) == 0
+    assert bench.main(["--n", "4096", "--append", "--targets", "--out", str(tmp_path), "--no-plots"]) == 0
+    out = capsys.readouterr()
+    assert "appending to" in out.err and "8 cells already there" in out.err
+    # a cut-off second part would still have kept the first part's cells
+    assert len(saved_mid_run[1]["results"]) == len(parts[1024]) + len(FACTORS)
+    assert saved_mid_run[1]["metadata"]["complete"] is False
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert len(saved["results"]) == len(parts[1024]) + len(parts[4096])
+    assert saved["metadata"]["complete"] is True and len(saved["metadata"]["parts"]) == 2
+    assert saved["metadata"]["command"].endswith("--n 4096 --append --targets --out " + str(tmp_path) +
+                                                 " --no-plots")
+    # the targets judge both parts: the N >= 4096 target is checked now, in 8 cells
+    long_n = saved["targets"][2]
+    assert long_n["met"] is True and long_n["checked"] == 8
+    table = (tmp_path / "table.txt").read_text()
+    assert "1024" in table and "4096" in table
+
+
+def test_without_append_a_run_replaces_the_saved_one(monkeypatch, tmp_path):
+    _pretend_there_is_a_gpu(monkeypatch)
+    monkeypatch.setattr(bench, "run_benchmark", lambda cells, methods, config, *, after_each_cell:
+                        _synthetic_results((64,), (cells[0].seq_len,)))
+    bench.main(["--n", "1024", "--out", str(tmp_path), "--no-plots"])
+    bench.main(["--n", "4096", "--out", str(tmp_path), "--no-plots"])
+    results, metadata = bench.load_results(tmp_path / "bench.json")
+    assert {r.seq_len for r in results} == {4096} and "parts" not in metadata
+
+
+def test_merge_combines_saved_runs_without_a_gpu(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    files = []
+    for seq_lens, date in (((1024,), "2027-01-05T10:00"), ((4096, 16384), "2027-01-05T10:05")):
+        results, metadata = _part(seq_lens, command=f"bench --n {seq_lens[0]}", date=date)
+        files.append(tmp_path / f"part{len(files)}.json")
+        bench.write_json(files[-1], results, metadata)
+    out_dir = tmp_path / "merged"
+    assert bench.main(["--merge", *map(str, files), "--out", str(out_dir), "--targets", "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "Targets for rbf-triton" in printed and printed.count("NOT MET") == 0
+    results, metadata = bench.load_results(out_dir / "bench.json")
+    assert _cells_in_order(results) == _cells_in_order(_synthetic_results())
+    assert metadata["command"] == "bench --n 1024 ; bench --n 4096"
+    assert (out_dir / "table.txt").read_text().strip() in printed
+
+    assert bench.main(["--merge", str(tmp_path / "missing.json"), "--out", str(out_dir)]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    other = tmp_path / "h100.json"
+    results, metadata = _part((1024,), command="x", date="3", device="NVIDIA H100")
+    bench.write_json(other, results, metadata)
+    assert bench.main(["--merge", str(files[0]), str(other), "--out", str(out_dir)]) == 2
+    assert "different device" in capsys.readouterr().err
+
+
+def test_append_and_merge_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        bench_cli.build_parser().parse_args(["--append", "--merge", "a.json"])
+    assert "not allowed with" in capsys.readouterr().err
+    assert _plan("--merge", "a.json", "b.json").merge == (Path("a.json"), Path("b.json"))
+    assert _plan("--append").append and not _plan().append
