@@ -232,6 +232,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         return 2
     try:
         earlier = _earlier_run(plan)
+        if earlier:  # refuse to add to another machine's run now, not after the first cell
+            bench.merge_runs([earlier, ([], run_metadata(plan.config, argv, 0.0))])
     except (OSError, ValueError, KeyError) as error:
         print(f"rbf_tutorial.bench --append: {plan.out_dir / 'bench.json'}: {error}", file=sys.stderr)
         return 2

@@ -584,6 +584,16 @@ def test_append_adds_a_part_to_the_saved_run(monkeypatch, tmp_path, capsys):
     assert "1024" in table and "4096" in table
 
 
+def test_append_refuses_another_machines_run_before_measuring(monkeypatch, tmp_path, capsys):
+    _pretend_there_is_a_gpu(monkeypatch)
+    results, metadata = _part((1024,), command="x", date="1", device="NVIDIA H100 80GB HBM3")
+    bench.write_json(tmp_path / "bench.json", results, metadata)
+    monkeypatch.setattr(bench, "run_benchmark", lambda *args, **kwargs: pytest.fail("measured anyway"))
+    assert bench.main(["--n", "4096", "--append", "--out", str(tmp_path)]) == 2
+    assert "different device: NVIDIA H100 80GB HBM3, Fake GPU" in capsys.readouterr().err
+    assert bench.load_results(tmp_path / "bench.json")[1]["device"] == "NVIDIA H100 80GB HBM3"  # untouched
+
+
 def test_without_append_a_run_replaces_the_saved_one(monkeypatch, tmp_path):
     _pretend_there_is_a_gpu(monkeypatch)
     monkeypatch.setattr(bench, "run_benchmark", lambda cells, methods, config, *, after_each_cell:
