@@ -546,7 +546,10 @@ def write_json(path: Path, results: Sequence[Result], metadata: dict[str, Any],
     if targets is not None:
         document["targets"] = [{key: _json_number(value) for key, value in dataclasses.asdict(check).items()}
                                | {"met": check.met} for check in targets]
-    path.write_text(json.dumps(document, indent=1) + "\n")
+    # Written aside, then renamed: a run killed mid-write keeps the previous save rather than half a file.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(document, indent=1) + "\n")
+    partial.replace(path)
 
 
 def newest_recording() -> Path:

@@ -377,6 +377,7 @@ def test_json_round_trip_keeps_every_field_and_nan(tmp_path):
     results[0].rel_err = float("nan")
     targets = bench.check_targets(results)
     bench.write_json(tmp_path / "bench.json", results, {"command": "test"}, targets)
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # the file written aside was renamed
     text = (tmp_path / "bench.json").read_text()
     assert "NaN" not in text and "Infinity" not in text  # strict JSON
     loaded, metadata = bench.load_results(tmp_path / "bench.json")
