@@ -83,6 +83,6 @@ def remove_in_float32(out, own_v):
     own32 = own_v.to(tl.float32)
     norm_sq = tl.sum(own32 * own32, axis=1)
     has_direction = norm_sq > OWN_VALUE_EPS
-    coefficient = tl.where(has_direction, tl.sum(out32 * own32, axis=1) / tl.where(has_direction, norm_sq, 1.0),
-                           0.0)
+    along = tl.sum(out32 * own32, axis=1)
+    coefficient = tl.where(has_direction, along / tl.where(has_direction, norm_sq, 1.0), 0.0)
     return out32 - coefficient[:, None] * own32

@@ -13,7 +13,6 @@ it does not.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -158,7 +157,8 @@ def check_exclusive_backward(exclusive_backward: _Backward) -> None:
             close, max_diff = compare(actual, wanted, name=f"{name} {label}", atol=1e-10, rtol=1e-8)
             if not close:
                 hint = _diagnose_backward(name, actual, y, v, grad_z)
-                raise AssertionError(f"{name} is wrong for shape {label} (off by up to {max_diff:.3g}). {hint}")
+                raise AssertionError(f"{name} is wrong for shape {label} (off by up to {max_diff:.3g}). "
+                                     f"{hint}")
             worst = max(worst, max_diff)
     print(f"✓ exclusive_backward: grad_y and grad_v match float64 autograd in {len(_SHAPES)} shapes "
           f"(max diff {worst:.1e})")
@@ -304,7 +304,7 @@ def check_remove_own_value(remove_own_value: Callable) -> None:
         )
     close, zero_diff = compare(got, expected, **_TOLERANCE)
     if not close:
-        raise AssertionError(f"{EXERCISE_REMOVE_OWN}: with one zero own value (query {zero_query}) the output "
-                             f"is off by {zero_diff:.3g}: a row with no direction keeps out as it is.")
+        raise AssertionError(f"{EXERCISE_REMOVE_OWN}: with one zero own value (query {zero_query}) the "
+                             f"output is off by {zero_diff:.3g}: a row with no direction keeps out as it is.")
     print(f"✓ remove_own_value: the exclusive kernel matches float64 in {len(_KERNEL_SHAPES)} ragged and "
           f"causal shapes, in float64, and with a zero own value (max diff {max(worst, zero_diff):.1e})")
