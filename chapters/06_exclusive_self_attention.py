@@ -19,7 +19,7 @@
 # products and projections.
 #
 # **How long.** About 50 minutes with the three exercises. The solved notebook executes in about
-# NN s on a 2-core CPU, most of it training two tiny models.
+# 40 s on a 2-core CPU, most of it training two tiny models.
 #
 # **Exercises.** Solutions are inline, folded under each exercise (click the cell to unfold it).
 # For the exercise-only version run `rbf-tutorial assignments OUT_DIR --chapters 06` and open
