@@ -544,7 +544,7 @@ cos_before = xsa.similarity(y_plain.float(), own_e.float())
 cos_after = xsa.similarity(z_fused.float(), own_e.float())
 print(f"cos(y_i, v_i) before: mean {cos_before.mean().item():+.3f}, largest |.| {cos_before.abs().max().item():.3f}")
 print(f"cos(z_i, v_i) after:  mean {cos_after.mean().item():+.1e}, largest |.| {cos_after.abs().max().item():.1e}")
-assert cos_after.abs().max() < sizes(cpu=1e-5, gpu=1e-2)
+assert cos_after.abs().max() < sizes(cpu=1e-4, gpu=1e-2)  # float32 rounding; fp16 stores on a GPU
 
 # %% [markdown]
 # ### The production route, forward and backward
