@@ -375,6 +375,8 @@ checks.ch03.check_online_softmax_update(online_softmax_update)
 # $m + \log_2 \ell$: one float per query, which the backward pass of 03b needs. (A causal row that
 # sees no key at all ends with $\ell = 0$; it outputs zeros, the convention of
 # `rbf_attention_reference`.)
+# The `if EXCLUSIVE:` branch before the store is chapter 06's, off by default here: a `constexpr`
+# branch that is `False` is not even compiled, so this kernel pays nothing for it.
 
 # %%
 @triton.jit
@@ -401,6 +403,8 @@ def flash_rbf_kernel(
     SCORES: tl.constexpr,  # exercise 1: rbf_scores
     UPDATE: tl.constexpr,  # exercise 2: online_softmax_update
     KEY_RANGE: tl.constexpr,  # exercise 3: key_range
+    EXCLUSIVE: tl.constexpr = False,  # chapter 06: exclusive self attention in the epilogue
+    REMOVE_OWN: tl.constexpr = None,  # chapter 06's exercise: remove_own_value
 ):
     tile_m = tl.program_id(0)
     z = tl.program_id(1)
@@ -435,6 +439,10 @@ def flash_rbf_kernel(
     seen_nothing = row_sum == 0.0  # only when causal and n_queries > n_keys: such rows output zeros
     row_sum = tl.where(seen_nothing, 1.0, row_sum)
     out = acc / row_sum[:, None]
+    if EXCLUSIVE:  # chapter 06 fills this in; a False constexpr branch is not even compiled
+        own_rows = rows + n_keys - n_queries  # query i's own key, bottom-right aligned
+        own_v = tl.load(v_base + own_rows[:, None] * stride_vn, mask=rows[:, None] < n_queries, other=0.0)
+        out = REMOVE_OWN(out, own_v.to(ACC_DTYPE))
     tl.store(Out + z * stride_oz + rows[:, None] * stride_om + dims[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=rows[:, None] < n_queries)
     tl.store(Lse + z * n_queries + rows, row_max + tl.math.log2(row_sum), mask=rows < n_queries)

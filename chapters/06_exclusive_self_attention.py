@@ -9,16 +9,21 @@
 # %% [markdown]
 # # 06 · Exclusive self attention: stop sending tokens their own value
 #
-# **What you will build:** a measurement of the *similarity bias* (attention outputs that point
+# **What you will build.** A measurement of the *similarity bias* (attention outputs that point
 # along the token's own value) in a small model you train here; exclusive self attention (XSA), a
 # two-line projection that removes it, with its gradients written by hand; and the same projection
-# fused into the Triton kernel's epilogue.
+# written in Triton as the epilogue of chapter 03's forward kernel.
 #
-# **What you need:** chapter 03 (the kernel and its backward), chapter 04 (registers at the
-# origin, attention sinks), chapter 05 (SuSiE positions). Dot products and projections.
+# **What you need.** Chapter 03a (the teaching forward kernel), chapter 03b (its backward),
+# chapter 04 (registers at the origin, attention sinks), chapter 05 (SuSiE positions). Dot
+# products and projections.
 #
-# **How long:** about 45 minutes. On a CPU the chapter runs in about a minute, most of it training
-# two tiny models.
+# **How long.** About 50 minutes with the three exercises. The solved notebook executes in about
+# 40 s on a 2-core CPU, most of it training two tiny models.
+#
+# **Exercises.** Solutions are inline, folded under each exercise (click the cell to unfold it).
+# For the exercise-only version run `rbf-tutorial assignments OUT_DIR --chapters 06` and open
+# `OUT_DIR/student/06_exclusive_self_attention.ipynb`.
 
 # %%
 import math
@@ -69,15 +74,14 @@ print(f"SMALL = {SMALL}: {MODEL.n_layers} layers, d_model {MODEL.d_model}, {MODE
 # The first term is the token's *own* value, which the residual stream already holds in some form
 # (the value is a linear map of the same normalised vector that is about to be added back). If
 # attention's job is to bring in **context**, that term is wasted capacity. Zhai's *Exclusive
-# Self Attention* (arXiv 2603.09078, 2026) measures how much of $y_i$ points along $v_i$,
+# Self Attention* (arXiv:2603.09078, 2026) measures how much of $y_i$ points along $v_i$,
 #
 # $$ \cos(y_i, v_i) = \frac{y_i \cdot v_i}{\lVert y_i\rVert\,\lVert v_i\rVert} ,$$
 #
-# averaged over tokens and heads, layer by layer, in trained language models. It calls the
-# effect the *attention similarity bias*. In the paper's figure for a model of about 1.3B
-# parameters the cosine grows with depth, from roughly 0.2 in the first layers to roughly 0.6 in
-# the last ones (read off the plot). It comes from two places: the weight a token puts on itself
-# ($a_{ii}$), and values of *other* tokens that resemble its own.
+# and calls the effect the *attention similarity bias*. Its Figure 1 plots this cosine layer by
+# layer in a trained language model, next to the two places it can come from: the weight a token
+# puts on itself ($a_{ii}$), and how much the values of *other* tokens resemble its own. (We read
+# no numbers off that plot; the paper's language models have up to 2.7B parameters.)
 #
 # Our models are a million times smaller, so let us measure rather than assume. First, a short
 # training loop: byte-level next-token prediction on Python's standard library sources
@@ -196,23 +200,28 @@ plt.show()
 # What to make of it. Start with the untrained row. At initialisation queries and keys are nearly
 # zero, so every query spreads its weight almost evenly over the keys it can see; early positions
 # see few tokens, and the values of neighbouring bytes are alike, so the cosine starts well above
-# zero and nearly flat across layers (they all start alike). Training reshapes it: in the trained row the
-# cosine is positive in every layer, and how it changes with depth is the question the paper
-# asks. The verdict for this run:
+# zero and nearly flat across layers (they all start alike). Training reshapes it, and how the
+# trained cosine changes with depth is what the paper's Figure 1 is about. The verdict for this
+# run, against the untrained model:
 
 # %%
 trained_cosines = baseline_stats["cos(y, v)"]
+untrained_cosines = untrained_stats["cos(y, v)"]
 rises = all(later > earlier for earlier, later in zip(trained_cosines, trained_cosines[1:], strict=False))
 print(f"trained cos(y, v): first layer {trained_cosines[0]:.2f}, last layer {trained_cosines[-1]:.2f}, "
       f"largest in layer {int(np.argmax(trained_cosines))}; rises at every layer: {rises}")
+lowered = sum(trained < untrained for trained, untrained in zip(trained_cosines, untrained_cosines, strict=True))
+print(f"mean over layers: untrained {np.mean(untrained_cosines):.2f}, trained {np.mean(trained_cosines):.2f}; "
+      f"training lowered it in {lowered} of {len(trained_cosines)} layers")
 
 # %% [markdown]
-# On a CPU, when this chapter was written, the trained cosines were about 0.20, 0.27, 0.45 and
-# 0.35: lower than at initialisation in the first layers, growing over the first three layers,
-# then falling back in the last one. Part of the paper's picture (a bias that builds up with
-# depth), not all of it. Do not read more into it: four layers and a few hundred steps are far
-# from a 1.3B model trained on billions of tokens, and the shape moves with the seed and the
-# length of training. On a GPU the chapter trains a larger model for longer; compare.
+# On a 2-core CPU, when this chapter was written, the untrained cosines were 0.44, 0.44, 0.46 and
+# 0.50 and the trained ones 0.20, 0.27, 0.45 and 0.35 (means 0.46 and 0.32): training *lowered*
+# the cosine in every layer, and what is left grows over the first three layers, then falls back
+# in the last one. So this tiny model shows a similarity bias that training reshapes with depth,
+# not one that training creates. Do not read more into it: four layers and a few hundred steps are
+# far from the paper's language models, and the shape moves with the seed and the length of
+# training. On a GPU the chapter trains a larger model for longer; compare.
 #
 # The own-key weight column is the first of the two causes: the mass each query puts on its own
 # key. It is small next to the cosine, so most of the bias comes from the other tokens' values
@@ -235,7 +244,7 @@ print(f"trained cos(y, v): first layer {trained_cosines[0]:.2f}, last layer {tra
 # $z \perp v$, and runs `torch.autograd.gradcheck` on your function. (Its inputs have no zero
 # value rows; the library version, `xsa.exclusive`, also handles those.)
 
-# %% nbgrader={"grade": false, "grade_id": "ch06-ex1-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+# %% nbgrader={"grade": false, "grade_id": "ch06-ex1-solution", "locked": false, "schema_version": 3, "solution": true, "task": false} jupyter={"source_hidden": true}
 def exclusive(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     ### BEGIN SOLUTION
     coefficient = (y * v).sum(dim=-1, keepdim=True) / v.square().sum(dim=-1, keepdim=True)
@@ -277,7 +286,7 @@ print("gradcheck passed")
 # Write `exclusive_backward(y, v, grad_z)` returning `(grad_y, grad_v)` without autograd. The check
 # compares both with autograd in float64.
 
-# %% nbgrader={"grade": false, "grade_id": "ch06-ex2-solution", "locked": false, "schema_version": 3, "solution": true, "task": false}
+# %% nbgrader={"grade": false, "grade_id": "ch06-ex2-solution", "locked": false, "schema_version": 3, "solution": true, "task": false} jupyter={"source_hidden": true}
 def exclusive_backward(y: torch.Tensor, v: torch.Tensor, grad_z: torch.Tensor):
     ### BEGIN SOLUTION
     norm_sq = v.square().sum(dim=-1, keepdim=True)
@@ -423,6 +432,123 @@ for label, weights in [("all on itself", (0.0, 0.0, 1.0)),
 # ($\partial L/\partial y = g - d\,v$) before the usual attention backward, and the own value's
 # row of $dV$ gets the extra $-c\,g - d\,y + 2cd\,v$.
 #
+# ### The production kernel's epilogue
+#
+# Here are those lines in `kernels/`, printed from the kernel's source so they cannot go stale:
+# the end of the forward kernel, and the function it calls.
+
+# %%
+import inspect
+
+from rbf_tutorial.kernels import exclusive as fused_exclusive
+from rbf_tutorial.kernels import forward as fused_forward
+
+
+def source_lines(function, first: str, last: str) -> str:
+    """The lines of a @triton.jit function's source from the one containing ``first`` to ``last``."""
+    lines = inspect.getsource(function.fn).splitlines()
+    start = next(i for i, line in enumerate(lines) if first in line)
+    end = next(i for i, line in enumerate(lines) if i > start and last in line)
+    return "\n".join(lines[start:end + 1])
+
+
+print(source_lines(fused_forward.rbf_forward_kernel, "out = acc / row_sum", "mask=query_rows < n_queries)"))
+print()
+print(source_lines(fused_exclusive.remove_own_value, "own = load_tile", "return y - coef"))
+
+# %% [markdown]
+# Four steps: find each query's own row (`own_rows`, clamped so rows past the last query read
+# nothing), load those value rows as one tile, take two row sums ($y_i\cdot v_i$ and
+# $\lVert v_i\rVert^2$), and subtract. The guard `norm_sq > value_eps` leaves a row alone whose
+# own value is (nearly) zero, where the direction would be noise and $0/0$ a NaN; `value_eps` is
+# `XSA_VALUE_EPS` in `kernels/launch.py`, float32's square root of the smallest normal number,
+# about $10^{-19}$. The teaching library has it as `teaching.OWN_VALUE_EPS`.
+#
+# Chapter 03a's teaching kernel `flash_rbf_kernel` has an `if EXCLUSIVE:` branch in the same place,
+# which loads the own value tile and calls a `@triton.jit` function passed in as `REMOVE_OWN`:
+#
+# ```python
+# out = acc / row_sum[:, None]
+# if EXCLUSIVE:
+#     own_rows = rows + n_keys - n_queries  # query i's own key, bottom-right aligned
+#     own_v = tl.load(v_base + own_rows[:, None] * stride_vn, mask=rows[:, None] < n_queries, other=0.0)
+#     out = REMOVE_OWN(out, own_v.to(ACC_DTYPE))
+# ```
+#
+# `teaching.flash_rbf_forward(q, k, v, causal, exclusive=True, remove_own=...)` launches it with
+# `EXCLUSIVE=True` (and refuses $N_k < N_q$: then some query has no own key).
+#
+# ### Exercise 3: the epilogue, in Triton
+#
+# Write the body of `remove_own_value(out, own_v)`. Both are `(BLOCK_M, D)` tiles in the
+# accumulator dtype: row $i$ of `out` is the finished output $y_i$, row $i$ of `own_v` its own value
+# $v_i$. Return $y_i - (y_i\cdot v_i/\lVert v_i\rVert^2)\,v_i$ for every row, and leave a row
+# unchanged where $\lVert v_i\rVert^2 \le$ `OWN_VALUE_EPS` (divide by
+# `tl.where(has_direction, norm_sq, 1.0)`, so no row divides by zero). You need
+# `tl.sum(x, axis=...)`, `tl.where` and broadcasting with `[:, None]`. Which axis runs along a
+# row? The check launches the teaching kernel with your function as its epilogue on ragged shapes,
+# causal and not, with more keys than queries, against float64 attention followed by the
+# projection; then with float64 inputs, and with one query whose own value is zero.
+
+# %%
+import triton
+import triton.language as tl
+
+from rbf_tutorial import teaching
+
+OWN_VALUE_EPS = teaching.OWN_VALUE_EPS  # a tl.constexpr: @triton.jit code may read it as a global
+
+# %% nbgrader={"grade": false, "grade_id": "ch06-ex3-solution", "locked": false, "schema_version": 3, "solution": true, "task": false} jupyter={"source_hidden": true}
+@triton.jit
+def remove_own_value(out, own_v):
+    """Each row of ``out`` minus its projection on the same row of ``own_v``; (BLOCK_M, D) tiles."""
+    ### BEGIN SOLUTION
+    along = tl.sum(out * own_v, axis=1)  # (BLOCK_M,): y_i . v_i
+    norm_sq = tl.sum(own_v * own_v, axis=1)  # (BLOCK_M,): |v_i|^2
+    has_direction = norm_sq > OWN_VALUE_EPS
+    # Divide by 1 where there is no direction, so no row ever computes 0 / 0.
+    coefficient = tl.where(has_direction, along / tl.where(has_direction, norm_sq, 1.0), 0.0)
+    return out - coefficient[:, None] * own_v
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch06-ex3-check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false}
+checks.ch06.check_remove_own_value(remove_own_value)
+
+# %% [markdown]
+# Your epilogue inside the kernel, against the two-step route (the same kernel's plain output,
+# then the PyTorch projection of exercise 1's library twin, `xsa.exclusive`), on a small batch
+# with registers in front. What is left of each output along its own value, $\cos(z_i, v_i)$,
+# should be zero up to float32 rounding:
+
+# %%
+EPILOGUE_DTYPE = sizes(cpu=torch.float32, gpu=torch.float16)  # the interpreter's tl.dot wants fp32
+EPILOGUE_BLOCK = sizes(cpu=16, gpu=64)
+epilogue_generator = torch.Generator().manual_seed(5)
+n_registers_e, n_tokens_e = 2, sizes(cpu=30, gpu=500)
+q_e, k_e, v_e = (torch.randn(2, 2, n, 16, generator=epilogue_generator).to(DEVICE, EPILOGUE_DTYPE)
+                 for n in (n_tokens_e, n_registers_e + n_tokens_e, n_registers_e + n_tokens_e))
+
+z_fused, _ = checks.learner_or_reference(
+    lambda: teaching.flash_rbf_forward(q_e, k_e, v_e, True, block=EPILOGUE_BLOCK, exclusive=True,
+                                       remove_own=remove_own_value),
+    lambda: teaching.flash_rbf_forward(q_e, k_e, v_e, True, block=EPILOGUE_BLOCK, exclusive=True),
+    uses="your `remove_own_value` (exercise 3)",
+)
+y_plain, _ = teaching.flash_rbf_forward(q_e, k_e, v_e, True, block=EPILOGUE_BLOCK)
+own_e = xsa.own_values(v_e, n_tokens_e)
+z_two_step = xsa.exclusive(y_plain, own_e)
+checks.assert_close(z_fused, z_two_step, name="fused epilogue", reference="kernel, then xsa.exclusive",
+                    **sizes(cpu=dict(atol=1e-5, rtol=1e-5), gpu=dict(atol=5e-3, rtol=5e-3)))
+cos_before = xsa.similarity(y_plain.float(), own_e.float())
+cos_after = xsa.similarity(z_fused.float(), own_e.float())
+print(f"cos(y_i, v_i) before: mean {cos_before.mean().item():+.3f}, largest |.| {cos_before.abs().max().item():.3f}")
+print(f"cos(z_i, v_i) after:  mean {cos_after.mean().item():+.1e}, largest |.| {cos_after.abs().max().item():.1e}")
+assert cos_after.abs().max() < sizes(cpu=1e-4, gpu=1e-2)  # float32 rounding; fp16 stores on a GPU
+
+# %% [markdown]
+# ### The production route, forward and backward
+#
 # `xsa.exclusive_attention(q, k, v, backend="triton")` runs the fused kernel. It must agree with
 # the unfused route, forward and backward. On a CPU both run tiny, the kernel through Triton's
 # interpreter in float32:
@@ -499,8 +625,9 @@ else:
 # ## Summary
 #
 # - **Similarity bias:** attention outputs lean towards the token's own value,
-#   $\cos(y_i, v_i) > 0$; the paper finds it growing with depth in large models, and our tiny
-#   model shows a clear positive bias, layer shape aside.
+#   $\cos(y_i, v_i) > 0$; the paper's Figure 1 measures it layer by layer in a trained language
+#   model. In our tiny model it is there from initialisation (a mean of 0.46 over layers in the
+#   CPU run), and training lowered it in every layer (to a mean of 0.32), peaking in layer 2.
 # - **XSA** removes it with a projection, $z_i = y_i - (y_i\cdot v_i/\lVert v_i\rVert^2)\, v_i$: no
 #   parameters, exact orthogonality. Its backward projects the incoming gradient the same way, so
 #   attention gets no signal along $v_i$, and $v$ gets three extra terms on its own row.
@@ -509,7 +636,8 @@ else:
 # - **Sinks:** under XSA, attending to yourself outputs zero, so the self position becomes a free
 #   sink, and the trained model moved mass there from the register.
 # - **Fused:** the projection lives in the kernel's epilogue (one extra row of $V$ per query and one
-#   saved float per query); forward and gradients agree with the unfused route.
+#   saved float per query). You wrote it in Triton for the teaching kernel; the production kernel's
+#   forward and gradients agree with the unfused route.
 #
 # ## Where this breaks
 #
@@ -531,6 +659,8 @@ for dtype in (torch.float32, torch.bfloat16):
     print(f"{str(dtype):<16} largest |cos(z, v)| after rounding: {residual:.1e}")
 
 # %% [markdown]
+# ## What this chapter does not show
+#
 # - **What "own" means.** It needs self attention, with one key per query at the bottom-right
 #   position. For decoding with a KV cache (one query, many keys) that is the newest key, as it
 #   should be. For cross attention (queries and keys from different sequences) there is no own
@@ -538,5 +668,26 @@ for dtype in (torch.float32, torch.bfloat16):
 # - **Repeated tokens.** As the hand example showed, a value equal to one's own is invisible after
 #   XSA, which can cost a head that wants to detect repetition along that direction.
 # - **Our evidence is small.** One seed, a four-layer model on a CPU (six layers on a GPU), a few
-#   hundred to a few thousand steps of byte-level Python. The paper's claims are about language
-#   models of up to 2.7B parameters; a difference in loss here says little either way. The sink behaviour (point 3 above) was the clearest effect in our runs.
+#   hundred to a few thousand steps of byte-level Python. The paper evaluates language models of up
+#   to 2.7B parameters (its abstract); a difference in loss here says little either way. The sink
+#   behaviour (point 3 above) was the clearest effect in our runs.
+# - **A fused backward you wrote.** Exercise 3 fuses the forward only; the teaching backward knows
+#   nothing of XSA. The production kernels (`kernels/exclusive.py`) do the backward of exercise 2
+#   in a small preprocess kernel before the attention backward.
+
+# %% [markdown]
+# ## Sources and further reading
+#
+# - S. Zhai, *Exclusive Self Attention* (arXiv:2603.09078): the similarity bias, measured as
+#   $\cos(y_i, v_i)$ per layer in its Figure 1, and the projection $z_i = y_i - (y_i\cdot v_i /
+#   \lVert v_i\rVert^2)\, v_i$ this chapter trains with and fuses.
+# - R. Pisoni, *Scaled RBF Attention: Trading Dot Products for Euclidean Distance*
+#   (https://pisoni.ai/posts/scaled-rbf-attention) and its code
+#   (https://github.com/4rtemi5/rbf_attention): RBF attention, the attention every model of this
+#   chapter uses.
+# - Dao, Fu, Ermon, Rudra and Ré, *FlashAttention* (arXiv:2205.14135): a fused kernel that
+#   finishes each output tile in on-chip memory, so work on the finished rows (here XSA) belongs in
+#   its epilogue, before the one write to HBM.
+# - Triton's fused-attention tutorial
+#   (https://triton-lang.org/main/getting-started/tutorials/06-fused-attention.html): the kernel
+#   layout that chapter 03's teaching kernel, and so exercise 3's epilogue, follows.

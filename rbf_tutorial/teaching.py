@@ -18,7 +18,9 @@ The pieces, each one idea:
   taken from the key tile already in SRAM;
 - :func:`online_softmax_update`: fold one tile of scores into the running max, sum and output;
 - :func:`key_range`: for a causal query tile, where the unmasked key tiles end and where the
-  visible keys end.
+  visible keys end;
+- :func:`remove_own_value` (chapter 06's exercise): exclusive self attention in the forward
+  kernel's epilogue, each finished output row minus its projection on the query's own value.
 
 Every kernel takes an accumulator dtype (``ACC_DTYPE``): float32 for half and single precision
 inputs, float64 for float64 ones, so ``torch.autograd.gradcheck`` can test the kernels themselves.
@@ -38,6 +40,7 @@ from .runtime import interpreting
 
 __all__ = [
     "LOG2_E",
+    "OWN_VALUE_EPS",
     "REFERENCE_PIECES",
     "accumulator_dtype",
     "default_block",
@@ -47,10 +50,15 @@ __all__ = [
     "forward_bounds",
     "online_softmax_trace",
     "rbf_attention",
+    "remove_own_value",
     "tile_scores",
 ]
 
 LOG2_E = math.log2(math.e)  # exp(x) == exp2(x * LOG2_E)
+# XSA leaves an output alone where its own value has |v|^2 at or below this: float32's square root
+# of the smallest normal number, the production kernel's XSA_VALUE_EPS (kernels/launch.py). A
+# tl.constexpr, so that @triton.jit code may read it as a global.
+OWN_VALUE_EPS = tl.constexpr(math.sqrt(torch.finfo(torch.float32).tiny))
 
 
 def accumulator_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -163,6 +171,22 @@ def query_start(first_key, n_queries, n_keys, BLOCK_M: tl.constexpr, CAUSAL: tl.
 REFERENCE_PIECES = {"SCORES": rbf_scores, "UPDATE": online_softmax_update, "KEY_RANGE": key_range}
 
 
+@triton.jit
+def remove_own_value(out, own_v):
+    """Exclusive self attention on a tile of finished outputs: ``out - (out . v / |v|^2) v`` per row.
+
+    ``out`` and ``own_v`` are (BLOCK_M, D) in the accumulator dtype, row i of ``own_v`` the value of
+    query i's own key. A row whose own value is (nearly) zero has no direction to remove and is left
+    alone, as in the production kernel (``kernels/exclusive.py``).
+    """
+    along = tl.sum(out * own_v, axis=1)  # (BLOCK_M,): y_i . v_i
+    norm_sq = tl.sum(own_v * own_v, axis=1)  # (BLOCK_M,): |v_i|^2
+    has_direction = norm_sq > OWN_VALUE_EPS
+    # Divide by 1 where there is no direction, so no row ever computes 0 / 0.
+    coefficient = tl.where(has_direction, along / tl.where(has_direction, norm_sq, 1.0), 0.0)
+    return out - coefficient[:, None] * own_v
+
+
 # ------------------------------------------------------------------------------------------------
 # Forward kernels
 
@@ -215,6 +239,8 @@ def flash_rbf_kernel(
     SCORES: tl.constexpr,  # exercise 1: rbf_scores
     UPDATE: tl.constexpr,  # exercise 2: online_softmax_update
     KEY_RANGE: tl.constexpr,  # exercise 3: key_range
+    EXCLUSIVE: tl.constexpr = False,  # chapter 06: exclusive self attention in the epilogue
+    REMOVE_OWN: tl.constexpr = None,  # chapter 06's exercise: remove_own_value
 ):
     tile_m = tl.program_id(0)
     z = tl.program_id(1)
@@ -249,6 +275,12 @@ def flash_rbf_kernel(
     seen_nothing = row_sum == 0.0  # only when causal and n_queries > n_keys: such rows output zeros
     row_sum = tl.where(seen_nothing, 1.0, row_sum)
     out = acc / row_sum[:, None]
+    if EXCLUSIVE:  # a False constexpr branch is not even compiled: plain attention pays nothing
+        # Query i's own value is key row i + n_keys - n_queries (bottom-right, as the causal mask;
+        # the host requires n_keys >= n_queries). Rows past the last query load zeros.
+        own_rows = rows + n_keys - n_queries
+        own_v = tl.load(v_base + own_rows[:, None] * stride_vn, mask=rows[:, None] < n_queries, other=0.0)
+        out = REMOVE_OWN(out, own_v.to(ACC_DTYPE))
     tl.store(Out + z * stride_oz + rows[:, None] * stride_om + dims[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=rows[:, None] < n_queries)
     tl.store(Lse + z * n_queries + rows, row_max + tl.math.log2(row_sum), mask=rows < n_queries)
@@ -453,9 +485,24 @@ def launch_forward(kernel, q, k, v, *, causal=False, scale=None, pieces=None, bl
     return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
 
-def flash_rbf_forward(q, k, v, causal=False, scale=None, *, pieces=None, block=None):
-    """The teaching forward pass: (output (B, H, Nq, D), base-2 log-sum-exp (B, H, Nq))."""
-    return launch_forward(flash_rbf_kernel, q, k, v, causal=causal, scale=scale, pieces=pieces, block=block)
+def flash_rbf_forward(q, k, v, causal=False, scale=None, *, pieces=None, block=None, exclusive=False,
+                      remove_own=remove_own_value):
+    """The teaching forward pass: (output (B, H, Nq, D), base-2 log-sum-exp (B, H, Nq)).
+
+    ``exclusive=True`` applies exclusive self attention in the kernel's epilogue: each output row
+    minus its projection on its own value, ``v[i + Nk - Nq]``, by the ``@triton.jit`` function
+    ``remove_own`` (default :func:`remove_own_value`). The log-sum-exp is that of the attention
+    weights, unchanged. Forward only: the teaching backward knows nothing of XSA.
+    """
+    if not exclusive:
+        return launch_forward(flash_rbf_kernel, q, k, v, causal=causal, scale=scale, pieces=pieces,
+                              block=block)
+    check_teaching_inputs(q, k, v)
+    if k.shape[-2] < q.shape[-2]:
+        raise ValueError(f"k: with exclusive=True each query needs its own key, so k needs at least as "
+                         f"many rows as q ({q.shape[-2]}), got {k.shape[-2]}")
+    return launch_forward(flash_rbf_kernel, q, k, v, causal=causal, scale=scale, pieces=pieces, block=block,
+                          EXCLUSIVE=True, REMOVE_OWN=remove_own)
 
 
 def online_softmax_trace(q, k, v, scale=None, *, update=online_softmax_update, scores=rbf_scores,

@@ -11,6 +11,7 @@ interpreter ``@triton.jit`` makes interpreted functions, which cannot be compile
 
 from __future__ import annotations
 
+import inspect
 import os
 
 if __name__ == "__main__":
@@ -29,6 +30,10 @@ _TYPES = {tl.float16: "fp16", tl.float32: "fp32", tl.float64: "fp64"}
 def compile_kernel(kernel, pointers: dict[str, str], constexprs: dict, target: GPUTarget = TARGET):
     """Compile ``kernel`` with the given pointer types (``"*fp16"``...) and constexprs; the other
     parameters are taken as 32-bit integers, or fp32 when their name contains ``scale``."""
+    # Constexpr parameters left out take their defaults, as a launch would (EXCLUSIVE=False).
+    defaults = {param.name: param.default for param in kernel.params
+                if param.is_constexpr and param.default is not inspect.Parameter.empty}
+    constexprs = {**defaults, **constexprs}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
