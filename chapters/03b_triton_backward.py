@@ -554,12 +554,15 @@ bench.time_ratio_figure(results, title=f"Time over dot-product flash attention, 
 #
 # - **Long sequences** are where the kernel is meant to shine: the key norms cost one vector per
 #   key tile, so the RBF kernel should take about the time of dot-product flash attention.
-# - **FlexAttention** with the same `score_mod` is slower forward, and far slower forward +
-#   backward: its backward has to carry the gradient of the captured key norms.
+# - **FlexAttention** with the same `score_mod` is slower in this recorded run, forward and above
+#   all forward + backward. That run compiled Flex with dynamic shapes; compiled with
+#   `dynamic=False`, as its users would and as `rbf-tutorial bench` now does, Flex is faster, and on
+#   an H200 at N = 1024 the kernel still took 0.53–0.71× its GPU time
+#   (`docs/results/h200-n1024-and-training.md`).
 # - **cuDNN** runs dot-product attention faster still, using Hopper features (TMA copies, warp
 #   specialisation) this kernel does not: the distance still to go.
 # - **Short sequences** are a different story for forward + backward: there the GPU work is a
-#   fraction of a millisecond, and the host (autograd's round trip, Triton's Python launcher, four
+#   fraction of a millisecond, and the host (autograd's round trip, Triton's Python launcher, three
 #   launches per step) decides; `docs/results/` measures that share. Host time also varies from
 #   run to run, so the N = 1024 cells move between runs more than the long ones.
 #

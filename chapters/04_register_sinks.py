@@ -19,7 +19,8 @@
 # ($-\lVert q-k\rVert^2 = 2q\cdot k - \lVert k\rVert^2 - \lVert q\rVert^2$), softmax, causal masks, and
 # what a Jacobian is.
 #
-# **How long.** About 50 minutes to work through; executes in about 10 s on a 2-core CPU.
+# **How long.** About 50 minutes to work through; executes in about 10 s on a 2-core CPU,
+# about 10 s on an H200.
 #
 # **Exercises.** Solutions are inline, folded under each exercise; for the exercise-only version run
 # `rbf-tutorial assignments OUT_DIR --chapters 04` and open `OUT_DIR/student/04_register_sinks.ipynb`.
