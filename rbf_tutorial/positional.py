@@ -31,7 +31,7 @@ import numbers
 import torch
 from torch import nn
 
-from .arguments import positive_int
+from .arguments import positive_float, positive_int
 
 __all__ = [
     "LearnedPositions",
@@ -55,13 +55,6 @@ def _even_dim(name: str, value: object) -> int:
         )
     return value
 
-
-def _positive_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a positive number, got {type(value).__name__} {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
-    return float(value)
 
 
 def _check_positions(
@@ -94,7 +87,7 @@ def rope_frequencies(
     pairs tell far positions apart and fast pairs near ones. Shared by :func:`rope` and SuSiE.
     """
     d = _even_dim("d", d)
-    base = _positive_number("base", base)
+    base = positive_float("base", base)
     exponents = torch.arange(0, d, 2, dtype=_ANGLE_DTYPE, device=device) / d
     return (base**-exponents).to(dtype)
 
@@ -129,7 +122,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> tor
             f"x: expected an even last dimension D (rotated two coordinates at a time), got D={x.shape[-1]}"
         )
     positions = _check_positions(positions, x.shape[-2], f"x.shape[-2]={x.shape[-2]}")
-    angles = _angles(positions, x.shape[-1], _positive_number("base", base), x.device)
+    angles = _angles(positions, x.shape[-1], positive_float("base", base), x.device)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     pairs = x.unflatten(-1, (-1, 2))
     first, second = pairs[..., 0], pairs[..., 1]
@@ -157,7 +150,7 @@ def susie_table(
     """
     n = positive_int("n", n)
     d = _even_dim("d", d)
-    base = _positive_number("base", base)
+    base = positive_float("base", base)
     if positions is None:
         positions = torch.arange(n, device=device)
     positions = _check_positions(positions, n, f"n={n}")
@@ -264,7 +257,7 @@ class SuSiE(nn.Module):
         super().__init__()
         self.num_heads = positive_int("num_heads", num_heads)
         self.head_dim = _even_dim("head_dim", head_dim)
-        self.base = _positive_number("base", base)
+        self.base = positive_float("base", base)
         if isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real):
             raise TypeError(f"init_scale: expected a number, got {type(init_scale).__name__}")
         if not math.isfinite(init_scale):
@@ -353,7 +346,7 @@ class LearnedPositions(nn.Module):
         super().__init__()
         self.max_len = positive_int("max_len", max_len)
         self.d_model = positive_int("d_model", d_model)
-        init_std = _positive_number("init_std", init_std)
+        init_std = positive_float("init_std", init_std)
         self.weight = nn.Parameter(torch.randn(self.max_len, self.d_model) * init_std)
 
     def extra_repr(self) -> str:

@@ -22,13 +22,12 @@ Everything is float64 on the CPU: the numbers are small and exact enough to comp
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .arguments import positive_int
+from .arguments import positive_float, positive_int
 
 __all__ = ["SCORES", "PlantedKeys", "SelectivityCurve", "planted_keys", "score_logits", "selectivity_curve"]
 
@@ -56,13 +55,6 @@ class SelectivityCurve:
     planted_on_top: list[float]
 
 
-def _positive_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a positive number, got {type(value).__name__} {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
-    return float(value)
-
 
 def planted_keys(
     n_queries: int,
@@ -77,7 +69,7 @@ def planted_keys(
     n_queries = positive_int("n_queries", n_queries)
     pool_size = positive_int("pool_size", pool_size)
     dim = positive_int("dim", dim)
-    perturbation = _positive_number("perturbation", perturbation)
+    perturbation = positive_float("perturbation", perturbation)
     draw = {"generator": generator, "dtype": torch.float64}
     queries = torch.randn(n_queries, dim, **draw)
     planted = queries + perturbation * torch.randn(n_queries, dim, **draw)
@@ -91,7 +83,7 @@ def score_logits(queries: torch.Tensor, keys: torch.Tensor, score: str, scale: f
     so no cancellation)."""
     if score not in SCORES:
         raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
-    scale = _positive_number("scale", scale)
+    scale = positive_float("scale", scale)
     for name, tensor in (("queries", queries), ("keys", keys)):
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() != 2:
             raise TypeError(f"{name}: expected a 2-D floating-point torch.Tensor (rows, D)")
