@@ -377,8 +377,7 @@ plt.show()
 #    uses it, which is the next point.
 # 3. **The model moves attention from the register to the token itself.** With XSA, attending to
 #    yourself outputs *nothing*, so a query's own key has become a free sink, and the register
-#    mass drops while the own-key weight rises. The paper makes the same observation: XSA acts as
-#    an implicit attention sink at the self position.
+#    mass drops while the own-key weight rises: with XSA, the self position is itself a sink.
 #
 # The loss difference printed above is one seed of a few hundred steps: a hint, not a result.
 # Chapter 07 compares variants properly on a GPU.
