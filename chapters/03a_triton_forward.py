@@ -19,7 +19,7 @@
 # softmax ignores the $\|q\|^2$ term; softmax and matrix products. No Triton experience.
 #
 # **How long.** About an hour with the three exercises. The solved notebook executes in about
-# 20 s on a 2-core CPU, where every kernel runs through Triton's interpreter at tiny sizes.
+# 10 s on a 2-core CPU, where every kernel runs through Triton's interpreter at tiny sizes.
 #
 # **Exercises.** Solutions are inline, folded under each exercise (click the cell to unfold it).
 # For the exercise-only version run `rbf-tutorial assignments OUT_DIR --chapters 03a` and open

@@ -17,7 +17,7 @@
 # **What you need.** Part 03a (the forward kernel, its tiles and its log-sum-exp); the chain rule
 # through a softmax.
 #
-# **How long.** About an hour with the two exercises. The solved notebook executes in about 25 s
+# **How long.** About an hour with the two exercises. The solved notebook executes in about 15 s
 # on a 2-core CPU, where every kernel runs through Triton's interpreter at tiny sizes.
 #
 # **Exercises.** Solutions are inline, folded under each exercise (click the cell to unfold it).

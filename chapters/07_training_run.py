@@ -18,7 +18,7 @@
 # **What you need.** Chapters 03–06 (the kernel, registers, SuSiE, exclusive self attention);
 # cross-entropy as a loss.
 #
-# **How long.** About 30 minutes to read; executes in about 50 s on a 2-core CPU (seven tiny
+# **How long.** About 30 minutes to read; executes in about 45 s on a 2-core CPU (seven tiny
 # models, 150 steps each). On a GPU the chapter trains seven 10 M-parameter models of about a
 # minute each.
 #

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .runtime import interpreting
+from .xsa import FUSED_VALUE_EPS
 
 __all__ = [
     "LOG2_E",
@@ -56,9 +57,9 @@ __all__ = [
 
 LOG2_E = math.log2(math.e)  # exp(x) == exp2(x * LOG2_E)
 # XSA leaves an output alone where its own value has |v|^2 at or below this: float32's square root
-# of the smallest normal number, the production kernel's XSA_VALUE_EPS (kernels/launch.py). A
+# of the smallest normal number, the one threshold rbf_tutorial.xsa defines for every fused route. A
 # tl.constexpr, so that @triton.jit code may read it as a global.
-OWN_VALUE_EPS = tl.constexpr(math.sqrt(torch.finfo(torch.float32).tiny))
+OWN_VALUE_EPS = tl.constexpr(FUSED_VALUE_EPS)
 
 
 def accumulator_dtype(dtype: torch.dtype) -> tl.dtype:
