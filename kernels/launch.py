@@ -30,6 +30,7 @@ from torch._subclasses.fake_tensor import is_fake
 from triton.runtime.errors import OutOfResources
 
 from rbf_tutorial.runtime import interpreting as _interpreting_now
+from rbf_tutorial.xsa import FUSED_VALUE_EPS
 
 from .backward import dkdv_kernel, dq_kernel
 from .exclusive import exclusive_preprocess_kernel
@@ -64,7 +65,7 @@ INTERPRETER_TILE = (16, 16, 1, 1)
 XSA_PREPROCESS_BLOCK_M = 64
 # XSA leaves an output unchanged when its own value has |u|^2 <= this: fp32's sqrt(smallest normal),
 # the default of rbf_tutorial.xsa.exclusive in fp32 (a kernel float argument is fp32 even for fp64 data).
-XSA_VALUE_EPS = math.sqrt(torch.finfo(torch.float32).tiny)
+XSA_VALUE_EPS = FUSED_VALUE_EPS  # the one threshold, defined in rbf_tutorial.xsa
 # What a tile choice depends on (Triton's autotuner adds the tensors' dtypes itself), plus the flags of
 # the kernels that have them: EXCLUSIVE (forward, dkdv) and COMPUTE_DELTA (dq) change the work per tile.
 TUNE_KEY = ["n_queries", "n_keys", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "EXCLUSIVE", "COMPUTE_DELTA"]
