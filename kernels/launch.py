@@ -9,8 +9,9 @@ interpreter's bf16 ``tl.dot`` gives wrong numbers.
 Every launch goes one of two ways:
 
 - **eager** (a plain call, or autograd's backward): the tile the autotuner picked for a problem is
-  remembered, and later calls launch the compiled kernel with that tile directly. Triton's autotuner
-  spends tens of microseconds per call finding its cache entry, as much as the whole kernel at N=1024.
+  remembered, and later calls launch the compiled kernel with that tile directly, through its
+  launcher (:mod:`.direct_launch`). Triton's autotuner and its ordinary launch path spend tens of
+  microseconds per call finding their cache entries, as much as the whole kernel at N=1024.
 - **traced** (inside the ``torch.library.triton_op`` of ``op.py``, under ``torch.compile``): the
   launch is wrapped with ``torch.library.wrap_triton`` so the compiler sees the kernel itself and calls
   it from its generated code (and can capture it in a CUDA graph). Nothing here may touch real data
@@ -32,6 +33,7 @@ from triton.runtime.errors import OutOfResources
 from rbf_tutorial.runtime import interpreting as _interpreting_now
 from rbf_tutorial.xsa import FUSED_VALUE_EPS
 
+from . import direct_launch
 from .backward import dkdv_kernel, dq_kernel
 from .exclusive import exclusive_preprocess_kernel
 from .forward import rbf_forward_kernel
@@ -63,6 +65,8 @@ DQ_TILES = ((64, 64, 4, 1), (128, 64, 4, 1), (64, 128, 8, 1), (128, 128, 8, 1), 
 SAFE_TILE = (32, 32, 4, 1)
 INTERPRETER_TILE = (16, 16, 1, 1)
 XSA_PREPROCESS_BLOCK_M = 64
+# Triton's own defaults for CUDA (num_warps, num_stages), for kernels launched without a tile choice.
+UNTILED_WARPS_AND_STAGES = (4, 3)
 # XSA leaves an output unchanged when its own value has |u|^2 <= this: fp32's sqrt(smallest normal),
 # the default of rbf_tutorial.xsa.exclusive in fp32 (a kernel float argument is fp32 even for fp64 data).
 XSA_VALUE_EPS = FUSED_VALUE_EPS  # the one threshold, defined in rbf_tutorial.xsa
@@ -96,37 +100,54 @@ def _autotuned(kernel, choices: tuple[Tile, ...]):
 _CHOSEN_TILES: dict[tuple, Tile] = {}
 
 
-def _launch(kernel, tiles: tuple[Tile, ...], grid: Grid, args: tuple, constexprs: dict,
-            shape_key: tuple, traced: bool) -> None:
-    """Launch ``kernel[grid](*args, **constexprs)`` with a tile shape from ``tiles``.
+def _launch(kernel, tiles: tuple[Tile, ...], grid: Grid, tensors: tuple, ints: tuple, floats: tuple,
+            constexprs: dict, shape_key: tuple, traced: bool) -> None:
+    """Launch ``kernel[grid](*tensors, *ints, *floats, **constexprs)`` with a tile shape from ``tiles``.
 
     ``grid`` maps the tile (``{"BLOCK_M": .., "BLOCK_N": ..}``) to the launch grid. ``shape_key``
-    (lengths, head dims, dtype, flags) identifies a problem for the remembered tile choice.
+    (lengths, head dims, dtype, flags) identifies a problem for the remembered tile choice. The
+    arguments come in three groups because that is the kernels' parameter order, which the direct
+    launch of :mod:`.direct_launch` relies on.
     """
     choices = _tile_choices(tiles)
+    args = (*tensors, *ints, *floats)
     if traced:
         if not _only_shapes(args):
             torch.library.wrap_triton(_autotuned(kernel, choices))[grid](*args, **constexprs)
         return
+    launch = (kernel, grid, tensors, ints, floats, constexprs)
     if len(choices) == 2 and choices[1] == SAFE_TILE and choices[0] != SAFE_TILE:
         # Fixed-tile mode: the first tile, or the safe one when the first does not fit on this GPU.
         try:
-            _launch_with_tile(kernel, choices[0], grid, args, constexprs)
+            _launch_with_tile(*launch, choices[0])
         except OutOfResources:
-            _launch_with_tile(kernel, SAFE_TILE, grid, args, constexprs)
+            _launch_with_tile(*launch, SAFE_TILE)
         return
     if len(choices) == 1:
-        _launch_with_tile(kernel, choices[0], grid, args, constexprs)
+        _launch_with_tile(*launch, choices[0])
         return
     problem = (kernel, choices, shape_key)
     chosen = _CHOSEN_TILES.get(problem)
     if chosen is not None:
-        _launch_with_tile(kernel, chosen, grid, args, constexprs)
+        _launch_with_tile(*launch, chosen)
         return
     autotuner = _autotuned(kernel, choices)
     autotuner[grid](*args, **constexprs)
     best = autotuner.best_config
     _CHOSEN_TILES[problem] = (best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.num_warps, best.num_stages)
+
+
+def _launch_untiled(kernel, grid: tuple[int, int], tensors: tuple, ints: tuple, floats: tuple,
+                    constexprs: dict, traced: bool) -> None:
+    """Launch a kernel that has no tile shapes to choose from, with Triton's default warps and stages."""
+    args = (*tensors, *ints, *floats)
+    if traced:
+        if not _only_shapes(args):
+            torch.library.wrap_triton(kernel)[grid](*args, **constexprs)
+    elif interpreting():
+        kernel[grid](*args, **constexprs)
+    else:
+        direct_launch.launch(kernel, grid, tensors, ints, floats, constexprs, *UNTILED_WARPS_AND_STAGES)
 
 
 def _only_shapes(args: tuple) -> bool:
@@ -139,10 +160,16 @@ def _only_shapes(args: tuple) -> bool:
     return interpreting() and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args)
 
 
-def _launch_with_tile(kernel, tile: Tile, grid: Grid, args: tuple, constexprs: dict) -> None:
+def _launch_with_tile(kernel, grid: Grid, tensors: tuple, ints: tuple, floats: tuple, constexprs: dict,
+                      tile: Tile) -> None:
     block_m, block_n, num_warps, num_stages = tile
-    kernel[grid({"BLOCK_M": block_m, "BLOCK_N": block_n})](
-        *args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **constexprs)
+    sizes = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    if interpreting():
+        kernel[grid(sizes)](*tensors, *ints, *floats, **sizes, num_warps=num_warps, num_stages=num_stages,
+                            **constexprs)
+        return
+    direct_launch.launch(kernel, grid(sizes), tensors, ints, floats, {**constexprs, **sizes}, num_warps,
+                         num_stages)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -210,16 +237,16 @@ def flash_forward(q, k, v, causal: bool, scale: float, exclusive: bool = False, 
     lse = torch.empty((batch, heads, n_queries), device=q.device, dtype=_accumulator_dtype(compute))
     own_coef = torch.empty_like(lse) if exclusive else None
     dot_scale, norm_scale, _ = _scales(scale)
-    args = (q, k, v, out, lse, lse if own_coef is None else own_coef,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            heads, n_queries, n_keys, n_keys - n_queries, dot_scale, norm_scale, XSA_VALUE_EPS)
+    tensors = (q, k, v, out, lse, lse if own_coef is None else own_coef)
+    ints = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            heads, n_queries, n_keys, n_keys - n_queries)
     constexprs = dict(_constexprs(compute, int(q.shape[-1]), int(v.shape[-1]), causal), EXCLUSIVE=exclusive)
 
     def grid(tile):  # one program per query tile and (batch, head)
         return (_cdiv(n_queries, tile["BLOCK_M"]), batch * heads)
 
-    _launch(rbf_forward_kernel, FORWARD_TILES, grid, args, constexprs,
-            (n_queries, n_keys, compute, *constexprs.values()), traced)
+    _launch(rbf_forward_kernel, FORWARD_TILES, grid, tensors, ints, (dot_scale, norm_scale, XSA_VALUE_EPS),
+            constexprs, (n_queries, n_keys, compute, *constexprs.values()), traced)
     return (out if out.dtype == out_dtype else out.to(out_dtype)), lse, own_coef
 
 
@@ -243,17 +270,16 @@ def flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float, own_
         grad_y = torch.empty_like(out)
         grad_own_value = torch.empty(out.shape, device=out.device, dtype=lse.dtype)
         # A handful of row-wise sums: no tiles to tune, one fixed block of query rows per program.
-        preprocess_args = (
-            out, grad_out, v, own_coef, grad_y, delta, grad_own_value,
-            *out.stride()[:3], *grad_out.stride()[:3], *v.stride()[:3], *grad_y.stride()[:3],
-            *grad_own_value.stride()[:3], heads, n_queries, n_keys, n_keys - n_queries, XSA_VALUE_EPS)
-        preprocess = torch.library.wrap_triton(exclusive_preprocess_kernel) if traced \
-            else exclusive_preprocess_kernel
-        if not (traced and _only_shapes(preprocess_args)):
-            preprocess[(_cdiv(n_queries, XSA_PREPROCESS_BLOCK_M), batch * heads)](
-                *preprocess_args, HEAD_DIM_V=constexprs["HEAD_DIM_V"], BLOCK_DV=constexprs["BLOCK_DV"],
-                PAD_DV=constexprs["PAD_DV"], FP64_INPUTS=constexprs["FP64_INPUTS"],
-                BLOCK_M=XSA_PREPROCESS_BLOCK_M)
+        _launch_untiled(
+            exclusive_preprocess_kernel, (_cdiv(n_queries, XSA_PREPROCESS_BLOCK_M), batch * heads),
+            (out, grad_out, v, own_coef, grad_y, delta, grad_own_value),
+            (*out.stride()[:3], *grad_out.stride()[:3], *v.stride()[:3], *grad_y.stride()[:3],
+             *grad_own_value.stride()[:3], heads, n_queries, n_keys, n_keys - n_queries),
+            (XSA_VALUE_EPS,),
+            dict(HEAD_DIM_V=constexprs["HEAD_DIM_V"], BLOCK_DV=constexprs["BLOCK_DV"],
+                 PAD_DV=constexprs["PAD_DV"], FP64_INPUTS=constexprs["FP64_INPUTS"],
+                 BLOCK_M=XSA_PREPROCESS_BLOCK_M),
+            traced)
         # From here on the attention backward is the plain one, driven by dL/dy instead of dL/dz,
         # with Delta already computed.
         grad_out = grad_y
@@ -262,7 +288,8 @@ def flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float, own_
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dot_scale, norm_scale, grad_scale = _scales(scale)
-    sizes_and_scales = (heads, n_queries, n_keys, n_keys - n_queries, dot_scale, norm_scale, grad_scale)
+    sizes = (heads, n_queries, n_keys, n_keys - n_queries)
+    scales = (dot_scale, norm_scale, grad_scale)
     shape_key = (n_queries, n_keys, compute, exclusive, *constexprs.values())
 
     def query_tiles(tile):  # dq: one program per query tile and (batch, head)
@@ -272,15 +299,14 @@ def flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float, own_
         return (_cdiv(n_keys, tile["BLOCK_N"]), batch * heads)
 
     # dq first: without XSA it computes Delta = rowsum(dO * O), which dkdv then reads.
-    _launch(dq_kernel, DQ_TILES, query_tiles,
-            (q, k, v, out, grad_out, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-             *out.stride()[:3], *grad_out.stride()[:3], *dq.stride()[:3], *sizes_and_scales),
+    _launch(dq_kernel, DQ_TILES, query_tiles, (q, k, v, out, grad_out, lse, delta, dq),
+            (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *grad_out.stride()[:3],
+             *dq.stride()[:3], *sizes), scales,
             dict(constexprs, COMPUTE_DELTA=not exclusive), shape_key, traced)
     own_strides = grad_own_value.stride()[:3] if exclusive else (0, 0, 0)
-    _launch(dkdv_kernel, DKDV_TILES, key_tiles,
-            (q, k, v, grad_out, lse, delta, dk, dv, grad_own_value, *q.stride()[:3], *k.stride()[:3],
-             *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *own_strides,
-             *sizes_and_scales),
+    _launch(dkdv_kernel, DKDV_TILES, key_tiles, (q, k, v, grad_out, lse, delta, dk, dv, grad_own_value),
+            (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
+             *dv.stride()[:3], *own_strides, *sizes), scales,
             dict(constexprs, EXCLUSIVE=exclusive), shape_key, traced)
     grads = (dq, dk, dv)
     return tuple(g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(grads, dtypes, strict=True))

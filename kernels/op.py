@@ -118,4 +118,7 @@ def rbf_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     if torch.compiler.is_compiling():
         out, _, _ = _forward_op(q, k, v, bool(causal), float(scale), bool(exclusive))
         return out
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # Nothing to differentiate (inference, no_grad): the autograd layer would only cost host time.
+        return flash_forward(q, k, v, bool(causal), float(scale), bool(exclusive))[0]
     return _FlashAttentionFunction.apply(q, k, v, bool(causal), float(scale), bool(exclusive))
