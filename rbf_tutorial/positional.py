@@ -26,8 +26,8 @@ Inside a model every layer, every step, uses positions ``0 .. N - 1``, so the ta
 only on ``(N, D, base, dtype, device)`` are computed once and reused: :func:`rope_tables` (RoPE's
 cos and sin) and the unit table of :class:`SuSiE` (its learnable scales still multiply it on
 every call, so they get their gradient). The cached tensors hold no parameter and belong to no
-autograd graph; under ``torch.compile`` they are computed in the graph instead, where the
-compiler folds them.
+autograd graph; under ``torch.compile`` they are computed inside the graph instead, so a
+compiled graph never captures a cached tensor.
 """
 
 from __future__ import annotations
@@ -162,8 +162,8 @@ def _reused(compute):
     For tables of positions ``0 .. length - 1``: parameter-free, so one copy serves every layer
     and step. Built outside inference mode and autograd (a table made under
     ``torch.inference_mode`` could not be saved for a later backward pass), so nothing cached ever
-    requires grad. Under ``torch.compile`` the table is computed in the graph instead: the
-    compiler cannot trace the cache, and folds the computation itself.
+    requires grad. Under ``torch.compile`` the table is computed inside the graph instead, so a
+    compiled graph never captures a cached tensor (nor guards on the cache's state).
     """
     cached = functools.lru_cache(maxsize=_CACHED_TABLES)(compute)
 
@@ -408,6 +408,8 @@ class SuSiE(nn.Module):
         query_len, key_len = q.shape[2], k.shape[2]
         if positions is None and query_positions is None and query_len <= key_len:
             # Positions 0 .. Nk - 1, queries at the last Nq of them: the unit table is reused.
+            # Scaled once per use: one product shared by q and k would sum their two gradients
+            # before the reduction to the scales, the same value but not the same bits.
             key_unit = self._unit_table(key_len)
             query_unit = key_unit if query_len == key_len else key_unit[key_len - query_len :]
             query_table, key_table = self._scaled(query_unit), self._scaled(key_unit)
