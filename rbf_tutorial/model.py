@@ -44,7 +44,7 @@ from . import xsa as xsa_module
 from .arguments import boolean, non_negative_int, positive_float, positive_int, probability
 from .attention import BACKENDS, rbf_attention
 from .backends import compute_dtype, default_scale
-from .positional import LearnedPositions, SuSiE, rope
+from .positional import LearnedPositions, SuSiE, apply_rope, rope_tables
 from .reference import causal_softmax, causal_visibility, rbf_logits_reference
 from .registers import RegisterTokens
 
@@ -172,8 +172,10 @@ class CausalSelfAttention(nn.Module):
 
     def _position(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.positional == "rope":
-            positions = torch.arange(q.shape[2], device=q.device)
-            return rope(q, positions), rope(k, positions)
+            # Positions 0 .. T - 1 for queries and keys alike: one (cos, sin) table, reused across
+            # layers and steps, as SuSiE reuses its unit table.
+            cos, sin = rope_tables(q.shape[2], self.head_dim, dtype=q.dtype, device=q.device)
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.config.positional == "susie":
             return self.susie(q, k)
         return q, k  # "learned" was added to the embeddings; "none" adds nothing

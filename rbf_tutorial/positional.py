@@ -21,10 +21,18 @@ Conventions shared by all three: the head dim ``D`` is split into ``D / 2`` cons
 ``(x[2f], x[2f + 1])``, pair ``f`` has angular frequency ``w_f = base ** (-2f / D)``
 (:func:`rope_frequencies`), angles are computed in float64 and the result is cast to the input's
 dtype.
+
+Inside a model every layer, every step, uses positions ``0 .. N - 1``, so the tables that depend
+only on ``(N, D, base, dtype, device)`` are computed once and reused: :func:`rope_tables` (RoPE's
+cos and sin) and the unit table of :class:`SuSiE` (its learnable scales still multiply it on
+every call, so they get their gradient). The cached tensors hold no parameter and belong to no
+autograd graph; under ``torch.compile`` they are computed inside the graph instead, so a
+compiled graph never captures a cached tensor.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -36,15 +44,24 @@ from .arguments import positive_float, positive_int
 __all__ = [
     "LearnedPositions",
     "SuSiE",
+    "apply_rope",
     "rope",
     "rope_equivalent_scales",
     "rope_frequencies",
+    "rope_tables",
     "susie_distance_squared",
     "susie_table",
 ]
 
 _ANGLE_DTYPE = torch.float64
+# Distinct (length, head dim, base, dtype, device) tables kept per kind: a model uses one or two;
+# a bound keeps a loop over many lengths (generation, a sweep) from holding every table it met.
+_CACHED_TABLES = 16
 
+
+def _as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # x.to(x.dtype) returns x too, but still goes through the dispatcher: per layer, per step.
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _even_dim(name: str, value: object) -> int:
@@ -123,11 +140,72 @@ def rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> tor
         )
     positions = _check_positions(positions, x.shape[-2], f"x.shape[-2]={x.shape[-2]}")
     angles = _angles(positions, x.shape[-1], positive_float("base", base), x.device)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return apply_rope(x, angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pair ``f`` of token ``n`` of ``x (..., N, D)`` by the angle whose ``cos[n, f]``, ``sin[n, f]``
+    are given (``(N, D / 2)`` each, in ``x``'s dtype): :func:`rope` once its angles are known.
+
+    With :func:`rope_tables` for the angles of positions ``0 .. N - 1`` this is
+    ``rope(x, torch.arange(N), base)``, bit for bit. The tables are trusted: :func:`rope` checks.
+    """
     pairs = x.unflatten(-1, (-1, 2))
     first, second = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([first * cos - second * sin, first * sin + second * cos], dim=-1)
     return rotated.flatten(-2)
+
+
+def _reused(compute):
+    """``compute(length, d, base, dtype, device)``, computed once per distinct arguments and then reused.
+
+    For tables of positions ``0 .. length - 1``: parameter-free, so one copy serves every layer
+    and step. Built outside inference mode and autograd (a table made under
+    ``torch.inference_mode`` could not be saved for a later backward pass), so nothing cached ever
+    requires grad. Under ``torch.compile`` the table is computed inside the graph instead, so a
+    compiled graph never captures a cached tensor (nor guards on the cache's state).
+    """
+    cached = functools.lru_cache(maxsize=_CACHED_TABLES)(compute)
+
+    def table(length: int, d: int, base: float, dtype: torch.dtype, device: torch.device):
+        if torch.compiler.is_compiling():
+            return compute(length, d, base, dtype, device)
+        with torch.inference_mode(False), torch.no_grad():
+            return cached(length, d, base, dtype, device)
+
+    table.cache_clear = cached.cache_clear
+    table.cache_info = cached.cache_info
+    return table
+
+
+@_reused
+def _rope_tables(
+    length: int, d: int, base: float, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = _angles(torch.arange(length, device=device), d, base, device)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rope_tables(
+    length: int,
+    d: int,
+    base: float = 10000.0,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` of RoPE's angles for positions ``0 .. length - 1``: ``(length, d / 2)`` each.
+
+    Computed in float64 and cast to ``dtype``, exactly as :func:`rope` does, once per distinct
+    ``(length, d, base, dtype, device)``, then reused: shared by queries and keys, every layer and
+    every step. Pass them to :func:`apply_rope`. The tables are shared: do not modify them in place.
+    """
+    length = positive_int("length", length)
+    d = _even_dim("d", d)
+    base = positive_float("base", base)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+    return _rope_tables(length, d, base, dtype, torch.device(device))
 
 
 def susie_table(
@@ -158,6 +236,13 @@ def susie_table(
     angles = _angles(positions, d, base, device)
     table = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
     return table.to(torch.get_default_dtype() if dtype is None else dtype)
+
+
+@_reused
+def _susie_unit_table(
+    length: int, d: int, base: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    return susie_table(length, d, base, torch.arange(length, device=device), dtype=dtype, device=device)
 
 
 def susie_distance_squared(
@@ -278,9 +363,16 @@ class SuSiE(nn.Module):
             dtype=self.scales.dtype,
             device=self.scales.device,
         )
+        return self._scaled(unit)
+
+    def _scaled(self, unit: torch.Tensor) -> torch.Tensor:
         # One scale per frequency, shared by its sin and its cos coordinate.
         per_coordinate = self.scales.repeat_interleave(2, dim=-1)
         return per_coordinate[:, None, :] * unit[None, :, :]
+
+    def _unit_table(self, length: int) -> torch.Tensor:
+        """``susie_table(length, D, base)`` in the scales' dtype and device, reused across calls."""
+        return _susie_unit_table(length, self.head_dim, self.base, self.scales.dtype, self.scales.device)
 
     def distance_squared(self, offset: torch.Tensor | float) -> torch.Tensor:
         """``|P_i - P_j|^2`` per head for offset ``i - j``: ``(H, *offset.shape)``."""
@@ -314,6 +406,14 @@ class SuSiE(nn.Module):
         self._check_qk("q", q)
         self._check_qk("k", k)
         query_len, key_len = q.shape[2], k.shape[2]
+        if positions is None and query_positions is None and query_len <= key_len:
+            # Positions 0 .. Nk - 1, queries at the last Nq of them: the unit table is reused.
+            # Scaled once per use: one product shared by q and k would sum their two gradients
+            # before the reduction to the scales, the same value but not the same bits.
+            key_unit = self._unit_table(key_len)
+            query_unit = key_unit if query_len == key_len else key_unit[key_len - query_len :]
+            query_table, key_table = self._scaled(query_unit), self._scaled(key_unit)
+            return q + _as_dtype(query_table, q.dtype), k + _as_dtype(key_table, k.dtype)
         if positions is None:
             positions = torch.arange(key_len, device=k.device)
         positions = _check_positions(positions, key_len, f"k.shape[2]={key_len}")
@@ -330,7 +430,7 @@ class SuSiE(nn.Module):
         )
         query_table = self.table(query_positions)
         key_table = self.table(positions)
-        return q + query_table.to(q.dtype), k + key_table.to(k.dtype)
+        return q + _as_dtype(query_table, q.dtype), k + _as_dtype(key_table, k.dtype)
 
 
 class LearnedPositions(nn.Module):

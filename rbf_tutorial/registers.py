@@ -38,6 +38,14 @@ from .reference import causal_visibility, rbf_logits_reference
 __all__ = ["RegisterTokens", "attend_with_registers", "attention_weights", "register_weights"]
 
 
+def _like(parameter: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``parameter`` in ``x``'s dtype and device; itself when it already is (a no-op ``.to()`` still
+    costs a dispatch, in every layer of every step)."""
+    if parameter.dtype == x.dtype and parameter.device == x.device:
+        return parameter
+    return parameter.to(dtype=x.dtype, device=x.device)
+
+
 class RegisterTokens(nn.Module):
     """``num_registers`` learnable key/value pairs per head, initialised at the origin.
 
@@ -109,8 +117,8 @@ class RegisterTokens(nn.Module):
         """
         self._check_keys_values(k, v)
         batch = k.shape[0]
-        register_keys = self.keys.to(dtype=k.dtype, device=k.device).expand(batch, -1, -1, -1)
-        register_values = self.values.to(dtype=v.dtype, device=v.device).expand(batch, -1, -1, -1)
+        register_keys = _like(self.keys, k).expand(batch, -1, -1, -1)
+        register_values = _like(self.values, v).expand(batch, -1, -1, -1)
         return torch.cat([register_keys, k], dim=2), torch.cat([register_values, v], dim=2)
 
     def forward(
