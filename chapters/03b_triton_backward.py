@@ -18,7 +18,8 @@
 # through a softmax.
 #
 # **How long.** About an hour with the two exercises. The solved notebook executes in about 15 s
-# on a 2-core CPU, where every kernel runs through Triton's interpreter at tiny sizes.
+# on a 2-core CPU, where every kernel runs through Triton's interpreter at tiny sizes, and in about
+# 35 s on an H200, compiling its kernels included.
 #
 # **Exercises.** Solutions are inline, folded under each exercise (click the cell to unfold it).
 # For the exercise-only version run `rbf-tutorial assignments OUT_DIR --chapters 03b` and open
@@ -554,17 +555,19 @@ bench.time_ratio_figure(results, title=f"Time over dot-product flash attention, 
 #
 # - **Long sequences** are where the kernel is meant to shine: the key norms cost one vector per
 #   key tile, so the RBF kernel should take about the time of dot-product flash attention.
-# - **FlexAttention** with the same `score_mod` is slower in this recorded run, forward and above
-#   all forward + backward. That run compiled Flex with dynamic shapes; compiled with
-#   `dynamic=False`, as its users would and as `rbf-tutorial bench` now does, Flex is faster, and on
-#   an H200 at N = 1024 the kernel still took 0.53–0.71× its GPU time
-#   (`docs/results/h200-n1024-and-training.md`).
+# - **FlexAttention** with the same `score_mod`, compiled with `dynamic=False` as its users would,
+#   is the real peer: the compiler writes a fused kernel from the `score_mod`, much as this chapter
+#   did by hand. In the recorded run it is slower than this kernel in forward + backward in every
+#   cell, and close in the forward at long sequences, where it wins the two non-causal cells at
+#   N = 16384 (`docs/results/kernel-benchmark-h200.md` has every number).
 # - **cuDNN** runs dot-product attention faster still, using Hopper features (TMA copies, warp
 #   specialisation) this kernel does not: the distance still to go.
-# - **Short sequences** are a different story for forward + backward: there the GPU work is a
-#   fraction of a millisecond, and the host (autograd's round trip, Triton's Python launcher, three
-#   launches per step) decides; `docs/results/` measures that share. Host time also varies from
-#   run to run, so the N = 1024 cells move between runs more than the long ones.
+# - **Short sequences** are a different story: there the GPU work is a fraction of a millisecond,
+#   and the host decides. The forward keeps up with flash, because after the first call the
+#   kernel's launches skip Triton's per-call dispatch (`kernels/direct_launch.py`). Forward +
+#   backward still pays for autograd's hand-over to its backward thread and the kernel's Python
+#   there, which varies from run to run, so the N = 1024 cells move between runs more than the
+#   long ones.
 #
 # **Memory.** Beyond the inputs, the kernel's forward + backward holds the output, two floats per
 # query (the log-sum-exp and $\Delta$) and the three gradients. PyTorch's flash backward holds more:

@@ -8,8 +8,9 @@ graph. The same bodies, run on fake tensors, tell the compiler the output shapes
 ``register_autograd`` wires the backward to the forward.
 
 Outside the compiler the same launches run through a plain ``torch.autograd.Function``: calling an
-operator costs tens of microseconds of dispatch, as much as the whole kernel at N=1024. Both routes
-call the same ``flash_forward`` / ``flash_backward``, so their numbers are identical.
+operator costs tens of microseconds of dispatch, as much as the whole kernel at N=1024; and a call
+with nothing to differentiate (inference, ``torch.no_grad``) skips the autograd layer as well. All
+routes call the same ``flash_forward`` / ``flash_backward``, so their numbers are identical.
 """
 
 from __future__ import annotations

@@ -164,15 +164,18 @@ def check_rbf_scores(rbf_scores: Callable) -> None:
         )
     max_diff = _max_diff(got, expected)
 
-    # float64 inputs: the result must keep float64's precision (accumulate in ACC_DTYPE).
+    # float64 inputs: the result must keep float64's precision (accumulate in ACC_DTYPE). A Python
+    # float reaches a compiled kernel as a float32 scalar, so the scale here is one that float32 holds
+    # exactly: the comparison then measures the kernel's arithmetic, not the rounding of its argument.
+    scale32 = float(torch.tensor(qk_scale, dtype=torch.float32))
     q64 = _random(1, 1, 16, HEAD_DIM, seed=34, dtype=torch.float64)
     k64 = _random(1, 1, 48, HEAD_DIM, seed=35, spread=1.5, dtype=torch.float64)
     with not_written_yet(EXERCISE_SCORES):
-        got64 = teaching.tile_scores(q64, k64, qk_scale, scores=rbf_scores, block_m=16, block_n=BLOCK_N)
-    if not _close(got64, _scores_reference(q64, k64, qk_scale), dict(atol=1e-10, rtol=1e-10)):
+        got64 = teaching.tile_scores(q64, k64, scale32, scores=rbf_scores, block_m=16, block_n=BLOCK_N)
+    if not _close(got64, _scores_reference(q64, k64, scale32), dict(atol=1e-10, rtol=1e-10)):
         raise AssertionError(
             f"{EXERCISE_SCORES}: right in float32, but with float64 inputs the logits are off by "
-            f"{_max_diff(got64, _scores_reference(q64, k64, qk_scale)):.1e}: convert the key tile with "
+            f"{_max_diff(got64, _scores_reference(q64, k64, scale32)):.1e}: convert the key tile with "
             ".to(ACC_DTYPE), not .to(tl.float32), so float64 inputs are summed in float64."
         )
     print(f"✓ rbf_scores matches float64 on ragged {n_queries}x{n_keys} tiles, in {str(DTYPE)[6:]} and "
