@@ -24,7 +24,7 @@ DIRECT = direct_launch.launch
 
 
 def through_triton(kernel, grid, tensors, ints, floats, constexprs, num_warps, num_stages):
-    """Every launch through Triton's own path, as before the direct launch existed."""
+    """Every launch through Triton's own ``kernel[grid](...)`` path."""
     kernel[grid](*tensors, *ints, *floats, **constexprs, num_warps=num_warps, num_stages=num_stages)
 
 
