@@ -9,9 +9,9 @@ an eager training step makes three launches per layer.
 
 For one problem nearly all of that gives the same answer on every call. So the first launch goes
 through Triton, which compiles if it must and hands back the compiled kernel. That kernel is
-remembered under a key holding everything Triton specialises on: the kernel, the tile, the
-compile-time constants, the tensors' dtypes, the integer arguments themselves, and that every pointer
-is 16-byte aligned. A later launch with the same key calls the compiled kernel's launcher directly,
+remembered under a key holding everything Triton specialises on: the kernel, the device, the tile,
+the compile-time constants, the tensors' dtypes, the integer arguments themselves, and that every
+pointer is 16-byte aligned. A later launch with the same key calls the compiled kernel's launcher directly,
 with the arguments Triton would have passed it. Whatever the key does not cover takes Triton's own
 path: a misaligned tensor, launch hooks (a profiler such as Proton installs them), the interpreter.
 """
@@ -53,9 +53,11 @@ def launch(kernel, grid: tuple[int, ...], tensors: Sequence[torch.Tensor], ints:
     args = (*tensors, *ints, *floats)
     # (map and reduce with C-level callables: this runs on every launch, and generators cost µs here)
     aligned = not reduce(or_, map(_data_ptr, tensors)) & 15
+    # Triton launches on the current device, and a compiled kernel is loaded on one device only.
+    device = driver.active.get_current_device()
     # id(kernel), not the kernel: hashing a JITFunction hashes its source key, microseconds a call.
-    key = (id(kernel), num_warps, num_stages, tuple(constexprs.items()), tuple(map(_dtype, tensors)),
-           tuple(ints)) if aligned else None
+    key = (id(kernel), device, num_warps, num_stages, tuple(constexprs.items()),
+           tuple(map(_dtype, tensors)), tuple(ints)) if aligned else None
     entry = _COMPILED.get(key) if key is not None else None
     if entry is None or _hooks_installed():
         compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
@@ -63,7 +65,6 @@ def launch(kernel, grid: tuple[int, ...], tensors: Sequence[torch.Tensor], ints:
             _remember(key, kernel, compiled, len(args), constexprs)
         return
     compiled, trailing = entry
-    device = driver.active.get_current_device()
     stream = driver.active.get_current_stream(device)
     grid_0, grid_1, grid_2 = (*grid, 1, 1)[:3]
     compiled.run(grid_0, grid_1, grid_2, stream, compiled.function, compiled.packed_metadata,

@@ -24,8 +24,10 @@ STREAM = 0x5EED  # what the fake driver calls the current stream, recognisable i
 
 
 class _Driver:
+    device = 0  # the current device's index, as torch.cuda.current_device() would say
+
     def get_current_device(self):
-        return 0
+        return self.device
 
     def get_current_stream(self, device=None):
         return STREAM
@@ -61,6 +63,11 @@ def _plain(value):
     if hasattr(value, "calls"):  # Triton's chain of launch hooks
         return ("hooks", len(value.calls))
     return ("object", type(value).__name__)
+
+
+def use_device(index: int) -> None:
+    """Make device ``index`` the current one, as ``torch.cuda.set_device`` would."""
+    _Driver.device = index
 
 
 def install() -> Launches:

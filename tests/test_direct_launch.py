@@ -67,6 +67,14 @@ SCRIPT = textwrap.dedent("""
         forward_launch(tensors, n_queries=33)
     found["new_length_through_triton"] = len(through_triton)
 
+    # Another current device: the kernel compiled for device 0 is not loaded there.
+    del through_triton[:]
+    fake_gpu.use_device(1)
+    for _ in range(2):
+        forward_launch(tensors)
+    fake_gpu.use_device(0)
+    found["other_device_through_triton"] = len(through_triton)
+
     # A launch hook (a profiler's): every launch goes through Triton, which hands the launcher the hook.
     del through_triton[:]
     hook = lambda metadata: None
@@ -118,6 +126,7 @@ def test_a_repeated_launch_passes_the_launcher_what_triton_passed(found):
 def test_what_the_launch_key_does_not_cover_goes_through_triton(found):
     assert found["misaligned_through_triton"] == 2
     assert found["new_length_through_triton"] == 1
+    assert found["other_device_through_triton"] == 1
     assert found["hooked"] == {"triton": 1, "hooks_passed": ["hooks", 1]}
 
 
