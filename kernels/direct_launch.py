@@ -55,7 +55,8 @@ def launch(kernel, grid: tuple[int, ...], tensors: Sequence[torch.Tensor], ints:
     aligned = not reduce(or_, map(_data_ptr, tensors)) & 15
     # Triton launches on the current device, and a compiled kernel is loaded on one device only.
     device = driver.active.get_current_device()
-    # id(kernel), not the kernel: hashing a JITFunction hashes its source key, microseconds a call.
+    # id(kernel), not the kernel: hashing a JITFunction hashes its source key, microseconds a call
+    # (the kernels are module globals, so an id is never reused for another one).
     key = (id(kernel), device, num_warps, num_stages, tuple(constexprs.items()),
            tuple(map(_dtype, tensors)), tuple(ints)) if aligned else None
     entry = _COMPILED.get(key) if key is not None else None
