@@ -25,6 +25,7 @@ from operator import attrgetter, or_
 import torch
 from triton import knobs
 from triton.runtime import driver
+from triton.runtime.jit import JITFunction
 
 # Compiled kernels by launch key. Bounded like any cache keyed by user shapes: a program that runs
 # thousands of different lengths pays Triton's dispatch again rather than growing without limit.
@@ -51,6 +52,9 @@ def launch(kernel, grid: tuple[int, ...], tensors: Sequence[torch.Tensor], ints:
     constexprs (passed by name, every one of them: defaults are not filled in here).
     """
     args = (*tensors, *ints, *floats)
+    if not isinstance(kernel, JITFunction):  # the CPU interpreter's kernels: nothing compiled to keep
+        kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        return
     # (map and reduce with C-level callables: this runs on every launch, and generators cost µs here)
     aligned = not reduce(or_, map(_data_ptr, tensors)) & 15
     # Triton launches on the current device, and a compiled kernel is loaded on one device only.

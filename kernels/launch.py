@@ -30,6 +30,7 @@ import triton
 from torch._subclasses.fake_tensor import is_fake
 from triton.runtime.errors import OutOfResources
 
+from rbf_tutorial.backends import as_dtype
 from rbf_tutorial.runtime import interpreting as _interpreting_now
 from rbf_tutorial.xsa import FUSED_VALUE_EPS
 
@@ -78,11 +79,16 @@ Tile = tuple[int, int, int, int]
 Grid = Callable[[dict], tuple[int, int]]
 
 
+def _autotuning() -> bool:
+    """Whether launches search over tile shapes; ``RBF_TUTORIAL_AUTOTUNE=0`` turns that off."""
+    return os.environ.get("RBF_TUTORIAL_AUTOTUNE", "1") != "0"
+
+
 def _tile_choices(tiles: tuple[Tile, ...]) -> tuple[Tile, ...]:
     """The tile shapes a launch may use on this machine, best guess first."""
     if interpreting():
         return (INTERPRETER_TILE,)
-    if os.environ.get("RBF_TUTORIAL_AUTOTUNE", "1") == "0":
+    if not _autotuning():
         return (tiles[0], SAFE_TILE)  # the safe tile only when the first does not fit
     return (*tiles, SAFE_TILE)
 
@@ -116,15 +122,15 @@ def _launch(kernel, tiles: tuple[Tile, ...], grid: Grid, tensors: tuple, ints: t
             torch.library.wrap_triton(_autotuned(kernel, choices))[grid](*args, **constexprs)
         return
     launch = (kernel, grid, tensors, ints, floats, constexprs)
-    if len(choices) == 2 and choices[1] == SAFE_TILE and choices[0] != SAFE_TILE:
-        # Fixed-tile mode: the first tile, or the safe one when the first does not fit on this GPU.
+    if interpreting():
+        _launch_with_tile(*launch, INTERPRETER_TILE)
+        return
+    if not _autotuning():
+        # The first tile, or the safe one when the first does not fit on this GPU.
         try:
             _launch_with_tile(*launch, choices[0])
         except OutOfResources:
             _launch_with_tile(*launch, SAFE_TILE)
-        return
-    if len(choices) == 1:
-        _launch_with_tile(*launch, choices[0])
         return
     problem = (kernel, choices, shape_key)
     chosen = _CHOSEN_TILES.get(problem)
@@ -144,8 +150,6 @@ def _launch_untiled(kernel, grid: tuple[int, int], tensors: tuple, ints: tuple, 
     if traced:
         if not _only_shapes(args):
             torch.library.wrap_triton(kernel)[grid](*args, **constexprs)
-    elif interpreting():
-        kernel[grid](*args, **constexprs)
     else:
         direct_launch.launch(kernel, grid, tensors, ints, floats, constexprs, *UNTILED_WARPS_AND_STAGES)
 
@@ -164,10 +168,6 @@ def _launch_with_tile(kernel, grid: Grid, tensors: tuple, ints: tuple, floats: t
                       tile: Tile) -> None:
     block_m, block_n, num_warps, num_stages = tile
     sizes = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-    if interpreting():
-        kernel[grid(sizes)](*tensors, *ints, *floats, **sizes, num_warps=num_warps, num_stages=num_stages,
-                            **constexprs)
-        return
     direct_launch.launch(kernel, grid(sizes), tensors, ints, floats, {**constexprs, **sizes}, num_warps,
                          num_stages)
 
@@ -184,8 +184,7 @@ def _block_dim(dim: int) -> int:
 
 def _prepare(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # The kernels take any batch, head and sequence strides, but read the head dim contiguously.
-    if x.dtype != dtype:  # (a same-dtype .to() returns x, but costs a dispatch on every call)
-        x = x.to(dtype)
+    x = as_dtype(x, dtype)
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
@@ -247,7 +246,7 @@ def flash_forward(q, k, v, causal: bool, scale: float, exclusive: bool = False, 
 
     _launch(rbf_forward_kernel, FORWARD_TILES, grid, tensors, ints, (dot_scale, norm_scale, XSA_VALUE_EPS),
             constexprs, (n_queries, n_keys, compute, *constexprs.values()), traced)
-    return (out if out.dtype == out_dtype else out.to(out_dtype)), lse, own_coef
+    return as_dtype(out, out_dtype), lse, own_coef
 
 
 def flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float, own_coef=None, *,
@@ -308,5 +307,4 @@ def flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float, own_
             (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
              *dv.stride()[:3], *own_strides, *sizes), scales,
             dict(constexprs, EXCLUSIVE=exclusive), shape_key, traced)
-    grads = (dq, dk, dv)
-    return tuple(g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(grads, dtypes, strict=True))
+    return tuple(as_dtype(g, dtype) for g, dtype in zip((dq, dk, dv), dtypes, strict=True))

@@ -196,5 +196,4 @@ def rbf_attention(
         out = backends.ROUTES[route](q, k, v, causal=causal, scale=scale)
         if exclusive:
             out = xsa.exclusive(out, xsa.own_values(v, q.shape[-2]), eps=xsa.FUSED_VALUE_EPS)
-    # Every route already returns q's dtype; the guard spares a no-op .to() its dispatch per call.
-    return out if out.dtype == q.dtype else out.to(q.dtype)
+    return backends.as_dtype(out, q.dtype)  # every route already returns q's dtype: usually out itself

@@ -66,6 +66,15 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
+def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``; ``x`` itself when it already is.
+
+    A same-dtype ``x.to(dtype)`` returns ``x`` too, but still goes through the dispatcher: on paths
+    that run in every layer of every step (and in the kernels' launches) that is host time for nothing.
+    """
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the materialising routes compute logits and softmax in: at least float32."""
     return torch.promote_types(dtype, torch.float32)

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .arguments import positive_float, positive_int
+from .backends import as_dtype
 
 __all__ = [
     "LearnedPositions",
@@ -57,11 +58,6 @@ _ANGLE_DTYPE = torch.float64
 # Distinct (length, head dim, base, dtype, device) tables kept per kind: a model uses one or two;
 # a bound keeps a loop over many lengths (generation, a sweep) from holding every table it met.
 _CACHED_TABLES = 16
-
-
-def _as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # x.to(x.dtype) returns x too, but still goes through the dispatcher: per layer, per step.
-    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _even_dim(name: str, value: object) -> int:
@@ -413,7 +409,7 @@ class SuSiE(nn.Module):
             key_unit = self._unit_table(key_len)
             query_unit = key_unit if query_len == key_len else key_unit[key_len - query_len :]
             query_table, key_table = self._scaled(query_unit), self._scaled(key_unit)
-            return q + _as_dtype(query_table, q.dtype), k + _as_dtype(key_table, k.dtype)
+            return q + as_dtype(query_table, q.dtype), k + as_dtype(key_table, k.dtype)
         if positions is None:
             positions = torch.arange(key_len, device=k.device)
         positions = _check_positions(positions, key_len, f"k.shape[2]={key_len}")
@@ -430,7 +426,7 @@ class SuSiE(nn.Module):
         )
         query_table = self.table(query_positions)
         key_table = self.table(positions)
-        return q + _as_dtype(query_table, q.dtype), k + _as_dtype(key_table, k.dtype)
+        return q + as_dtype(query_table, q.dtype), k + as_dtype(key_table, k.dtype)
 
 
 class LearnedPositions(nn.Module):
