@@ -7,7 +7,8 @@ For one block of queries the kernel walks over key tiles, keeping a running row 
 
 and softmax ignores the per-row constant scale |q_i|^2, so these are exactly RBF weights. The only
 change from a dot-product flash kernel is one fp32 vector per key tile: the squared key norms,
-computed from the tile that was loaded anyway.
+computed from the tile that was loaded anyway, or, at long sequences, read from a vector computed
+once beforehand (kernels/key_norms.py) rather than again by every query tile.
 
 Everything runs in base 2 (exp2 is a single hardware instruction): the logits are multiplied by
 log2(e) once, through the two constants ``dot_scale`` and ``norm_scale`` below, and the saved
@@ -18,16 +19,17 @@ import triton
 import triton.language as tl
 
 from .exclusive import remove_own_value
-from .tiles import key_norm_penalty, load_tile, store_tile
+from .tiles import key_norm_penalty, load_tile, read_key_penalty, store_tile
 
 
 @triton.jit
 def _accumulate_key_tiles(
-    acc, row_sum, row_max, q, K, V, stride_kn, stride_vn,
+    acc, row_sum, row_max, q, K, V, KEY_NORMS, stride_kn, stride_vn,
     query_rows, key_start, key_end, n_keys, causal_offset, dot_scale, norm_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, KEY_NORMS_GIVEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Fold key tiles [key_start, key_end) into the running softmax state (acc, row_sum, row_max).
 
@@ -40,7 +42,10 @@ def _accumulate_key_tiles(
     for tile_start in range(key_start, key_end, BLOCK_N):
         keys = tile_start + key_offsets
         k = load_tile(K, keys, dims, stride_kn, n_keys, HEAD_DIM, MASKED, PAD_D)
-        key_penalty = key_norm_penalty(k, keys, n_keys, norm_scale, MASKED, ACC_DTYPE)
+        if KEY_NORMS_GIVEN:
+            key_penalty = read_key_penalty(KEY_NORMS, keys, n_keys, norm_scale, MASKED)
+        else:
+            key_penalty = key_norm_penalty(k, keys, n_keys, norm_scale, MASKED, ACC_DTYPE)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         logits = qk * dot_scale - key_penalty[None, :]  # keys past the end are -inf already
         if MASKED and CAUSAL:
@@ -61,6 +66,7 @@ def _accumulate_key_tiles(
 def rbf_forward_kernel(
     Q, K, V, OUT, LSE,                     # q, k, v (B, H, N, D); OUT (B, H, Nq, Dv); LSE (B, H, Nq)
     OWN_COEF,                              # (B, H, Nq): XSA's coefficient c_i, written when EXCLUSIVE
+    KEY_NORMS,                             # (B, H, Nk) contiguous |k_j|^2, read when KEY_NORMS_GIVEN
     stride_qb, stride_qh, stride_qn,       # strides in elements; the last dim of every tensor is unit-stride
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -74,6 +80,7 @@ def rbf_forward_kernel(
     CAUSAL: tl.constexpr,
     FP32_INPUTS: tl.constexpr, FP64_INPUTS: tl.constexpr,  # the inputs' dtype, for the products below
     EXCLUSIVE: tl.constexpr,               # apply exclusive self attention (kernels/exclusive.py)
+    KEY_NORMS_GIVEN: tl.constexpr,         # read the key norms (kernels/key_norms.py), else compute them
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,   # head dims rounded up to powers of two (>= 16)
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr,       # BLOCK_D != HEAD_DIM, BLOCK_DV != HEAD_DIM_V
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,    # the tile: queries per program, keys per step
@@ -101,6 +108,7 @@ def rbf_forward_kernel(
     V += batch * stride_vb + head * stride_vh
     OUT += batch * stride_ob + head * stride_oh
     LSE += batch_head.to(tl.int64) * n_queries
+    KEY_NORMS += batch_head.to(tl.int64) * n_keys
 
     query_rows = block_start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -119,13 +127,13 @@ def rbf_forward_kernel(
         full_end = tl.minimum(full_end, ((first_row_last_key + 1) // BLOCK_N) * BLOCK_N)
         key_end = tl.minimum(n_keys, block_start + BLOCK_M + causal_offset)
     acc, row_sum, row_max = _accumulate_key_tiles(
-        acc, row_sum, row_max, q, K, V, stride_kn, stride_vn, query_rows, 0, full_end,
+        acc, row_sum, row_max, q, K, V, KEY_NORMS, stride_kn, stride_vn, query_rows, 0, full_end,
         n_keys, causal_offset, dot_scale, norm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-        PAD_D, PAD_DV, False, CAUSAL, DOT_PRECISION, ACC_DTYPE)
+        PAD_D, PAD_DV, False, CAUSAL, KEY_NORMS_GIVEN, DOT_PRECISION, ACC_DTYPE)
     acc, row_sum, row_max = _accumulate_key_tiles(
-        acc, row_sum, row_max, q, K, V, stride_kn, stride_vn, query_rows, full_end, key_end,
+        acc, row_sum, row_max, q, K, V, KEY_NORMS, stride_kn, stride_vn, query_rows, full_end, key_end,
         n_keys, causal_offset, dot_scale, norm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-        PAD_D, PAD_DV, True, CAUSAL, DOT_PRECISION, ACC_DTYPE)
+        PAD_D, PAD_DV, True, CAUSAL, KEY_NORMS_GIVEN, DOT_PRECISION, ACC_DTYPE)
 
     out = acc / row_sum[:, None]
     if EXCLUSIVE:

@@ -38,6 +38,7 @@ from . import direct_launch
 from .backward import dkdv_kernel, dq_kernel
 from .exclusive import exclusive_preprocess_kernel
 from .forward import rbf_forward_kernel
+from .key_norms import key_norms_kernel
 
 # Triton reads TRITON_INTERPRET when the kernels below are decorated, at import: how they run is fixed
 # from then on, so the answer is read once rather than from the environment on every launch.
@@ -66,14 +67,21 @@ DQ_TILES = ((64, 64, 4, 1), (128, 64, 4, 1), (64, 128, 8, 1), (128, 128, 8, 1), 
 SAFE_TILE = (32, 32, 4, 1)
 INTERPRETER_TILE = (16, 16, 1, 1)
 XSA_PREPROCESS_BLOCK_M = 64
+# From this many queries on, the forward kernel reads key norms computed once by their own small kernel
+# (kernels/key_norms.py) instead of recomputing them in every query tile; below it, with few query
+# tiles, the extra launch costs more host time than it saves GPU time. MEASURED: see docs.
+KEY_NORMS_MIN_QUERIES = 2048
+KEY_NORMS_BLOCK_N = 64
 # Triton's own defaults for CUDA (num_warps, num_stages), for kernels launched without a tile choice.
 UNTILED_WARPS_AND_STAGES = (4, 3)
 # XSA leaves an output unchanged when its own value has |u|^2 <= this: fp32's sqrt(smallest normal),
 # the default of rbf_tutorial.xsa.exclusive in fp32 (a kernel float argument is fp32 even for fp64 data).
 XSA_VALUE_EPS = FUSED_VALUE_EPS  # the one threshold, defined in rbf_tutorial.xsa
 # What a tile choice depends on (Triton's autotuner adds the tensors' dtypes itself), plus the flags of
-# the kernels that have them: EXCLUSIVE (forward, dkdv) and COMPUTE_DELTA (dq) change the work per tile.
-TUNE_KEY = ["n_queries", "n_keys", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "EXCLUSIVE", "COMPUTE_DELTA"]
+# the kernels that have them: EXCLUSIVE (forward, dkdv), COMPUTE_DELTA (dq) and KEY_NORMS_GIVEN
+# (forward) change the work per tile.
+TUNE_KEY = ["n_queries", "n_keys", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "EXCLUSIVE", "COMPUTE_DELTA",
+            "KEY_NORMS_GIVEN"]
 
 Tile = tuple[int, int, int, int]
 Grid = Callable[[dict], tuple[int, int]]
@@ -235,11 +243,14 @@ def flash_forward(q, k, v, causal: bool, scale: float, exclusive: bool = False, 
     out = torch.empty((batch, heads, n_queries, v.shape[-1]), device=q.device, dtype=compute)
     lse = torch.empty((batch, heads, n_queries), device=q.device, dtype=_accumulator_dtype(compute))
     own_coef = torch.empty_like(lse) if exclusive else None
+    norms_given = n_queries >= KEY_NORMS_MIN_QUERIES
+    key_norms = _key_norms(k, traced) if norms_given else lse  # lse: a placeholder, never read
     dot_scale, norm_scale, _ = _scales(scale)
-    tensors = (q, k, v, out, lse, lse if own_coef is None else own_coef)
+    tensors = (q, k, v, out, lse, lse if own_coef is None else own_coef, key_norms)
     ints = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             heads, n_queries, n_keys, n_keys - n_queries)
-    constexprs = dict(_constexprs(compute, int(q.shape[-1]), int(v.shape[-1]), causal), EXCLUSIVE=exclusive)
+    constexprs = dict(_constexprs(compute, int(q.shape[-1]), int(v.shape[-1]), causal), EXCLUSIVE=exclusive,
+                      KEY_NORMS_GIVEN=norms_given)
 
     def grid(tile):  # one program per query tile and (batch, head)
         return (_cdiv(n_queries, tile["BLOCK_M"]), batch * heads)
@@ -247,6 +258,18 @@ def flash_forward(q, k, v, causal: bool, scale: float, exclusive: bool = False, 
     _launch(rbf_forward_kernel, FORWARD_TILES, grid, tensors, ints, (dot_scale, norm_scale, XSA_VALUE_EPS),
             constexprs, (n_queries, n_keys, compute, *constexprs.values()), traced)
     return as_dtype(out, out_dtype), lse, own_coef
+
+
+def _key_norms(k: torch.Tensor, traced: bool) -> torch.Tensor:
+    """|k_j|^2 per key, (B, H, Nk) in the accumulator dtype, for the forward kernel to read."""
+    batch, heads, n_keys, head_dim = k.shape
+    norms = torch.empty((batch, heads, n_keys), device=k.device, dtype=_accumulator_dtype(k.dtype))
+    block_d = _block_dim(int(head_dim))
+    _launch_untiled(key_norms_kernel, (_cdiv(n_keys, KEY_NORMS_BLOCK_N), batch * heads), (k, norms),
+                    (*k.stride()[:3], heads, n_keys), (),
+                    dict(HEAD_DIM=int(head_dim), BLOCK_D=block_d, PAD_D=block_d != head_dim,
+                         FP64_INPUTS=k.dtype == torch.float64, BLOCK_N=KEY_NORMS_BLOCK_N), traced)
+    return norms
 
 
 def flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float, own_coef=None, *,

@@ -51,3 +51,11 @@ def key_norm_penalty(k, keys, n_keys, norm_scale, CHECK_ROWS: tl.constexpr, ACC_
     if CHECK_ROWS:
         penalty = tl.where(keys < n_keys, penalty, float("inf"))
     return penalty
+
+
+@triton.jit
+def read_key_penalty(NORMS, keys, n_keys, norm_scale, CHECK_ROWS: tl.constexpr):
+    """:func:`key_norm_penalty` from precomputed squared norms ``NORMS[keys]`` (kernels/key_norms.py)."""
+    if CHECK_ROWS:
+        return tl.load(NORMS + keys, mask=keys < n_keys, other=float("inf")) * norm_scale
+    return tl.load(NORMS + keys) * norm_scale

@@ -45,11 +45,11 @@ SCRIPT = textwrap.dedent("""
 
     def forward_launch(tensors, n_queries=40):
         constexprs = dict(launch._constexprs(torch.bfloat16, 64, 64, False), EXCLUSIVE=False,
-                          BLOCK_M=64, BLOCK_N=32)
+                          KEY_NORMS_GIVEN=False, BLOCK_M=64, BLOCK_N=32)
         ints = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], 3, n_queries, 40, 0)
         direct_launch.launch(rbf_forward_kernel, (1, 6), tensors, ints, (0.36, 0.18, 1e-19), constexprs, 4, 1)
 
-    tensors = (q, k, v, out, lse, lse)
+    tensors = (q, k, v, out, lse, lse, lse)
     for _ in range(3):
         forward_launch(tensors)
     found["same_problem"] = dict(triton=len(through_triton), calls=launches.calls[-3:])
@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent("""
     del through_triton[:]
     shifted = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view(q.shape).copy_(q)
     for _ in range(2):
-        forward_launch((shifted, k, v, out, lse, lse))
+        forward_launch((shifted, k, v, out, lse, lse, lse))
     found["misaligned_through_triton"] = len(through_triton)
 
     # Another length: once through Triton, then direct.
@@ -83,8 +83,11 @@ SCRIPT = textwrap.dedent("""
     knobs.runtime.launch_enter_hook.remove(hook)
     found["hooked"] = dict(triton=len(through_triton), hooks_passed=launches.calls[-1][7])
 
-    # The attention op end to end: the second identical call makes every launch directly.
-    for exclusive in (False, True):
+    # The attention op end to end: the second identical call makes every launch directly. "long"
+    # stands for a long sequence, whose forward reads key norms from their own kernel.
+    short_sequences = launch.KEY_NORMS_MIN_QUERIES
+    for variant, exclusive in (("plain", False), ("xsa", True), ("long", False)):
+        launch.KEY_NORMS_MIN_QUERIES = 1 if variant == "long" else short_sequences
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         for step in range(2):
             del through_triton[:]
@@ -92,8 +95,8 @@ SCRIPT = textwrap.dedent("""
             from rbf_tutorial.kernels import op
             y = op._FlashAttentionFunction.apply(*leaves, True, 0.125, exclusive)
             y.backward(torch.randn_like(y))
-            found[f"op_{{exclusive}}_{{step}}"] = dict(triton=sorted(through_triton),
-                                                      launches=len(launches.calls))
+            found[f"op_{{variant}}_{{step}}"] = dict(triton=sorted(through_triton),
+                                                    launches=len(launches.calls))
     print(json.dumps(found))
 """)
 
@@ -131,12 +134,15 @@ def test_what_the_launch_key_does_not_cover_goes_through_triton(found):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("exclusive", [False, True], ids=["plain", "xsa"])
-def test_the_attention_op_launches_directly_from_its_second_call(found, exclusive):
-    first, second = found[f"op_{exclusive}_0"], found[f"op_{exclusive}_1"]
-    kernels = ["dkdv_kernel", "dq_kernel", "rbf_forward_kernel"]
-    if exclusive:
-        kernels = sorted([*kernels, "exclusive_preprocess_kernel"])
-    assert first["triton"] == kernels
+@pytest.mark.parametrize("variant", ["plain", "xsa", "long"])
+def test_the_attention_op_launches_directly_from_its_second_call(found, variant):
+    first, second = found[f"op_{variant}_0"], found[f"op_{variant}_1"]
+    # What the first call compiles: everything for "plain"; after it, only what is new to the variant
+    # (the backward of "long" is the plain one, already compiled).
+    new = {"plain": ["dkdv_kernel", "dq_kernel", "rbf_forward_kernel"],
+           "xsa": ["dkdv_kernel", "dq_kernel", "exclusive_preprocess_kernel", "rbf_forward_kernel"],
+           "long": ["key_norms_kernel", "rbf_forward_kernel"]}[variant]
+    launched = 4 if variant != "plain" else 3
+    assert first["triton"] == new
     assert second["triton"] == []
-    assert first["launches"] == second["launches"] == len(kernels)
+    assert first["launches"] == second["launches"] == launched

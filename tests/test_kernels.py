@@ -92,6 +92,15 @@ def test_bf16_is_computed_correctly_under_the_interpreter(seed):
     check_against_reference(random_case(seed), torch.bfloat16, seed)
 
 
+@pytest.mark.parametrize("seed", range(300, 306))
+def test_precomputed_key_norms(seed, monkeypatch):
+    """Long sequences read the key norms from their own kernel (kernels/key_norms.py): same answers."""
+    from rbf_tutorial.kernels import launch
+
+    monkeypatch.setattr(launch, "KEY_NORMS_MIN_QUERIES", 1)
+    check_against_reference(random_case(seed), torch.float32 if seed % 2 else torch.float16, seed)
+
+
 @pytest.mark.parametrize("n_queries,n_keys", [(1, 1), (1, 33), (16, 16), (17, 17), (32, 48)])
 def test_causal_tile_edges(n_queries, n_keys):
     case = dict(batch=1, heads=1, n_queries=n_queries, n_keys=n_keys, head_dim=16, value_dim=16,

@@ -51,9 +51,14 @@ def unfused_float64(q, k, v, causal, grad_out):
     return z.detach(), q.grad, k.grad, v.grad
 
 
+@pytest.mark.parametrize("key_norms", ["in-kernel", "precomputed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("seed", range(6))
-def test_fused_epilogue_matches_unfused(seed, dtype):
+def test_fused_epilogue_matches_unfused(seed, dtype, key_norms, monkeypatch):
+    if key_norms == "precomputed":  # what long sequences do (kernels/key_norms.py)
+        from rbf_tutorial.kernels import launch
+
+        monkeypatch.setattr(launch, "KEY_NORMS_MIN_QUERIES", 1)
     q, k, v, causal = random_inputs(seed, dtype)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     z = rbf_flash_attention(*leaves, causal=causal, exclusive=True)

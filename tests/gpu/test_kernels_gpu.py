@@ -46,6 +46,9 @@ CASES = [
     (2, 2, 1, 300, 256, 256, True, None),
     (1, 2, 511, 512, 16, 16, True, None),
     (1, 1, 4096, 4096, 64, 64, True, None),
+    # Long enough for the forward to read precomputed key norms (launch.KEY_NORMS_MIN_QUERIES), with
+    # a ragged last key tile and a head dim that is not a power of two.
+    (1, 2, 2049, 2101, 80, 48, False, 0.1),
 ]
 
 
