@@ -11,7 +11,7 @@ tiles (see ``launch.KEY_NORMS_MIN_QUERIES``).
 import triton
 import triton.language as tl
 
-from .tiles import load_tile
+from .tiles import load_tile, squared_norms
 
 
 @triton.jit
@@ -28,5 +28,5 @@ def key_norms_kernel(
     head = (batch_head % n_heads).to(tl.int64)
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = load_tile(K + batch * stride_kb + head * stride_kh, keys, tl.arange(0, BLOCK_D), stride_kn,
-                  n_keys, HEAD_DIM, True, PAD_D).to(ACC_DTYPE)
-    tl.store(NORMS + batch_head.to(tl.int64) * n_keys + keys, tl.sum(k * k, axis=1), mask=keys < n_keys)
+                  n_keys, HEAD_DIM, True, PAD_D)
+    tl.store(NORMS + batch_head.to(tl.int64) * n_keys + keys, squared_norms(k, ACC_DTYPE), mask=keys < n_keys)

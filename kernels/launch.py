@@ -247,14 +247,14 @@ def flash_forward(q, k, v, causal: bool, scale: float, exclusive: bool = False, 
     out = torch.empty((batch, heads, n_queries, v.shape[-1]), device=q.device, dtype=compute)
     lse = torch.empty((batch, heads, n_queries), device=q.device, dtype=_accumulator_dtype(compute))
     own_coef = torch.empty_like(lse) if exclusive else None
+    shared = _constexprs(compute, int(q.shape[-1]), int(v.shape[-1]), causal)
     norms_given = n_queries >= KEY_NORMS_MIN_QUERIES
-    key_norms = _key_norms(k, traced) if norms_given else lse  # lse: a placeholder, never read
+    key_norms = _key_norms(k, lse.dtype, shared, traced) if norms_given else lse  # lse: never read
     dot_scale, norm_scale, _ = _scales(scale)
     tensors = (q, k, v, out, lse, lse if own_coef is None else own_coef, key_norms)
     ints = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             heads, n_queries, n_keys, n_keys - n_queries)
-    constexprs = dict(_constexprs(compute, int(q.shape[-1]), int(v.shape[-1]), causal), EXCLUSIVE=exclusive,
-                      KEY_NORMS_GIVEN=norms_given)
+    constexprs = dict(shared, EXCLUSIVE=exclusive, KEY_NORMS_GIVEN=norms_given)
 
     def grid(tile):  # one program per query tile and (batch, head)
         return (_cdiv(n_queries, tile["BLOCK_M"]), batch * heads)
@@ -264,15 +264,15 @@ def flash_forward(q, k, v, causal: bool, scale: float, exclusive: bool = False, 
     return as_dtype(out, out_dtype), lse, own_coef
 
 
-def _key_norms(k: torch.Tensor, traced: bool) -> torch.Tensor:
-    """|k_j|^2 per key, (B, H, Nk) in the accumulator dtype, for the forward kernel to read."""
-    batch, heads, n_keys, head_dim = k.shape
-    norms = torch.empty((batch, heads, n_keys), device=k.device, dtype=_accumulator_dtype(k.dtype))
-    block_d = _block_dim(int(head_dim))
+def _key_norms(k: torch.Tensor, dtype: torch.dtype, constexprs: dict, traced: bool) -> torch.Tensor:
+    """|k_j|^2 per key, (B, H, Nk) in ``dtype`` (the accumulators'), for the forward kernel to read."""
+    batch, heads, n_keys, _ = k.shape
+    norms = torch.empty((batch, heads, n_keys), device=k.device, dtype=dtype)
     _launch_untiled(key_norms_kernel, (_cdiv(n_keys, KEY_NORMS_BLOCK_N), batch * heads), (k, norms),
                     (*k.stride()[:3], heads, n_keys), (),
-                    dict(HEAD_DIM=int(head_dim), BLOCK_D=block_d, PAD_D=block_d != head_dim,
-                         FP64_INPUTS=k.dtype == torch.float64, BLOCK_N=KEY_NORMS_BLOCK_N), traced)
+                    dict(HEAD_DIM=constexprs["HEAD_DIM"], BLOCK_D=constexprs["BLOCK_D"],
+                         PAD_D=constexprs["PAD_D"], FP64_INPUTS=constexprs["FP64_INPUTS"],
+                         BLOCK_N=KEY_NORMS_BLOCK_N), traced)
     return norms
 
 

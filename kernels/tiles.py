@@ -40,14 +40,20 @@ def store_tile(base, tile, rows, cols, row_stride, n_rows, n_cols: tl.constexpr)
 
 
 @triton.jit
+def squared_norms(k, ACC_DTYPE: tl.constexpr):
+    """``|k_j|^2`` per row of the tile, summed in ACC_DTYPE."""
+    k_acc = k.to(ACC_DTYPE)
+    return tl.sum(k_acc * k_acc, axis=1)
+
+
+@triton.jit
 def key_norm_penalty(k, keys, n_keys, norm_scale, CHECK_ROWS: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """``norm_scale * |k_j|^2`` per key row of the tile, in ACC_DTYPE; +inf for rows past the last key.
 
     The infinite penalty makes a padded key's logit -inf, so its weight is exactly 0 in every kernel
     without a separate bounds mask (and exp2 never sees the huge values a zero key would give).
     """
-    k_acc = k.to(ACC_DTYPE)
-    penalty = tl.sum(k_acc * k_acc, axis=1) * norm_scale
+    penalty = squared_norms(k, ACC_DTYPE) * norm_scale
     if CHECK_ROWS:
         penalty = tl.where(keys < n_keys, penalty, float("inf"))
     return penalty
