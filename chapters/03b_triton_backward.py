@@ -567,8 +567,10 @@ bench.time_ratio_figure(results, title=f"Time over dot-product flash attention, 
 # - **cuDNN** runs dot-product attention faster still, using Hopper features (TMA copies, warp
 #   specialisation) this kernel does not: the distance still to go.
 # - **Short sequences** are a different story: there the GPU work is a fraction of a millisecond,
-#   and the host decides. The forward keeps up with flash, because after the first call the
-#   kernel's launches skip Triton's per-call dispatch (`kernels/direct_launch.py`). Forward +
+#   and the host decides. The forward keeps up with flash, because the host work of a call is
+#   done once per problem: its launches, every argument but the tensors worked out, are kept per
+#   shape (`kernels/launch.py`) and made without Triton's per-call dispatch
+#   (`kernels/direct_launch.py`). Forward +
 #   backward still pays for autograd's hand-over to its backward thread and the kernel's Python
 #   there, which varies from run to run, so the N = 1024 cells move between runs more than the
 #   long ones.

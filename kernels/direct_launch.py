@@ -14,6 +14,10 @@ the compile-time constants, the tensors' dtypes, the integer arguments themselve
 pointer is 16-byte aligned. A later launch with the same key calls the compiled kernel's launcher directly,
 with the arguments Triton would have passed it. Whatever the key does not cover takes Triton's own
 path: a misaligned tensor, launch hooks (a profiler such as Proton installs them), the interpreter.
+
+A caller that launches one kernel for one problem again and again can hold a :class:`PreparedLaunch`:
+it keeps the compiled kernel and the launcher's fixed arguments itself, so a repeat does not even
+rebuild and look up the key.
 """
 
 from __future__ import annotations
@@ -44,19 +48,25 @@ def _hooks_installed() -> bool:
     return False
 
 
+def _aligned(tensors: Sequence[torch.Tensor]) -> bool:
+    # (map and reduce with C-level callables: this runs on every launch, and generators cost µs here)
+    return not reduce(or_, map(_data_ptr, tensors)) & 15
+
+
 def launch(kernel, grid: tuple[int, ...], tensors: Sequence[torch.Tensor], ints: Sequence[int],
-           floats: Sequence[float], constexprs: dict, num_warps: int, num_stages: int) -> None:
+           floats: Sequence[float], constexprs: dict, num_warps: int, num_stages: int) -> tuple | None:
     """``kernel[grid](*tensors, *ints, *floats, **constexprs, num_warps=.., num_stages=..)``, cheaply.
 
     The kernel's parameters must come in that order: pointers, then integers, then floats, then the
-    constexprs (passed by name, every one of them: defaults are not filled in here).
+    constexprs (passed by name, every one of them: defaults are not filled in here). Returns what a
+    repeat of this launch on the current device can reuse, ``(compiled kernel, trailing arguments)``,
+    or None when a repeat must take Triton's path again (see the module docstring).
     """
     args = (*tensors, *ints, *floats)
     if not isinstance(kernel, JITFunction):  # the CPU interpreter's kernels: nothing compiled to keep
         kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-        return
-    # (map and reduce with C-level callables: this runs on every launch, and generators cost µs here)
-    aligned = not reduce(or_, map(_data_ptr, tensors)) & 15
+        return None
+    aligned = _aligned(tensors)
     # Triton launches on the current device, and a compiled kernel is loaded on one device only.
     device = driver.active.get_current_device()
     # id(kernel), not the kernel: hashing a JITFunction hashes its source key, microseconds a call
@@ -66,9 +76,15 @@ def launch(kernel, grid: tuple[int, ...], tensors: Sequence[torch.Tensor], ints:
     entry = _COMPILED.get(key) if key is not None else None
     if entry is None or _hooks_installed():
         compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-        if key is not None and not _hooks_installed():
-            _remember(key, kernel, compiled, len(args), constexprs)
-        return
+        if key is None or _hooks_installed():
+            return None
+        return _remember(key, kernel, compiled, len(args), constexprs)
+    _run(entry, device, grid, args)
+    return entry
+
+
+def _run(entry: tuple, device: int, grid: tuple[int, ...], args: tuple) -> None:
+    """Call a compiled kernel's launcher with the arguments Triton's own path would give it."""
     compiled, trailing = entry
     stream = driver.active.get_current_stream(device)
     grid_0, grid_1, grid_2 = (*grid, 1, 1)[:3]
@@ -76,14 +92,47 @@ def launch(kernel, grid: tuple[int, ...], tensors: Sequence[torch.Tensor], ints:
                  None, None, None, *args, *trailing)
 
 
-def _remember(key: tuple, kernel, compiled, n_args: int, constexprs: dict) -> None:
+def _remember(key: tuple, kernel, compiled, n_args: int, constexprs: dict) -> tuple | None:
     """Keep ``compiled`` for ``key``, with the constexpr values in signature order for its launcher."""
     if hasattr(compiled, "result"):  # asynchronous compilation hands back a future
         compiled = compiled.result()
     names = kernel.arg_names[n_args:]
     if set(names) != set(constexprs):
-        return  # a parameter left to its default: not a launch this module can repeat exactly
+        return None  # a parameter left to its default: not a launch this module can repeat exactly
     if len(_COMPILED) >= _MAX_ENTRIES:
         _COMPILED.clear()
     # Triton's launcher takes every parameter of the signature, constexprs included (it skips them).
-    _COMPILED[key] = (compiled, tuple(constexprs[name] for name in names))
+    entry = _COMPILED[key] = (compiled, tuple(constexprs[name] for name in names))
+    return entry
+
+
+class PreparedLaunch:
+    """One kernel with every argument but its tensors fixed, to launch again and again.
+
+    Calling it with the tensors is :func:`launch` with the arguments given here; once a launch has
+    found its compiled kernel, later calls on the same current device, with 16-byte aligned tensors
+    and no launch hooks, hand them to the launcher straight away. The integer arguments are part of
+    what Triton specialises on, which is why they are fixed here rather than passed per call.
+    """
+
+    __slots__ = ("_kernel", "_grid", "_ints", "_floats", "_constexprs", "_num_warps", "_num_stages",
+                 "_entry", "_device")
+
+    def __init__(self, kernel, grid: tuple[int, ...], ints: Sequence[int], floats: Sequence[float],
+                 constexprs: dict, num_warps: int, num_stages: int):
+        self._kernel, self._grid, self._ints, self._floats = kernel, grid, tuple(ints), tuple(floats)
+        self._constexprs, self._num_warps, self._num_stages = constexprs, num_warps, num_stages
+        self._entry: tuple | None = None
+        self._device: int | None = None
+
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> None:
+        entry = self._entry
+        if entry is not None and _aligned(tensors) and not _hooks_installed():
+            device = driver.active.get_current_device()
+            if device == self._device:
+                _run(entry, device, self._grid, (*tensors, *self._ints, *self._floats))
+                return
+        self._entry = launch(self._kernel, self._grid, tensors, self._ints, self._floats, self._constexprs,
+                             self._num_warps, self._num_stages)
+        if self._entry is not None:
+            self._device = driver.active.get_current_device()

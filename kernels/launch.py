@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from functools import cache
+from functools import cache, lru_cache
+from typing import NamedTuple
 
 import torch
 import triton
@@ -96,13 +97,18 @@ def _autotuning() -> bool:
     return os.environ.get("RBF_TUTORIAL_AUTOTUNE", "1") != "0"
 
 
-def _tile_choices(tiles: tuple[Tile, ...]) -> tuple[Tile, ...]:
+def _tile_choices(tiles: tuple[Tile, ...], autotuning: bool) -> tuple[Tile, ...]:
     """The tile shapes a launch may use on this machine, best guess first."""
     if interpreting():
         return (INTERPRETER_TILE,)
-    if not _autotuning():
+    if not autotuning:
         return (tiles[0], SAFE_TILE)  # the safe tile only when the first does not fit
     return (*tiles, SAFE_TILE)
+
+
+def _searching(autotuning: bool) -> bool:
+    """Whether a first launch times its tile choices (never under the interpreter: no GPU to time)."""
+    return autotuning and not interpreting()
 
 
 @cache
@@ -113,57 +119,81 @@ def _autotuned(kernel, choices: tuple[Tile, ...]):
     return triton.autotune(configs=configs, key=key)(kernel)
 
 
-# Tile shape the autotuner picked, per kernel and problem: (kernel, choices, shape_key) -> tile.
+# Tile shape the autotuner picked, per kernel and problem: (kernel id, choices, shape_key) -> tile.
 # Both paths share one compiled-kernel cache, so nothing is compiled twice.
 _CHOSEN_TILES: dict[tuple, Tile] = {}
 
 
-def _launch(kernel, tiles: tuple[Tile, ...], grid: Grid, tensors: tuple, ints: tuple, floats: tuple,
-            constexprs: dict, shape_key: tuple, traced: bool) -> None:
-    """Launch ``kernel[grid](*tensors, *ints, *floats, **constexprs)`` with a tile shape from ``tiles``.
+class _KernelLaunch:
+    """One kernel's launch for one problem: every argument but the tensors, fixed once.
 
-    ``grid`` maps the tile (``{"BLOCK_M": .., "BLOCK_N": ..}``) to the launch grid. ``shape_key``
-    (lengths, head dims, dtype, flags) identifies a problem for the remembered tile choice. The
+    ``tiles`` are the tile shapes it may use (see :func:`_tile_choices`), ``search`` whether the
+    first launch times them all or takes the first that fits, and ``grid`` maps a tile
+    (``{"BLOCK_M": .., "BLOCK_N": ..}``) to the launch grid; a kernel without tile shapes has
+    ``tiles=None``, a fixed ``grid`` tuple, and Triton's default warps and stages. ``shape_key``
+    (lengths, head dims, dtype, flags) identifies the problem for the remembered tile choice. The
     arguments come in three groups because that is the kernels' parameter order, which the direct
     launch of :mod:`.direct_launch` relies on.
+
+    The first eager call picks the tile (autotuning, or the first tile with the safe one to fall back
+    on) and keeps a :class:`~.direct_launch.PreparedLaunch` of it; every later call is that launch.
     """
-    choices = _tile_choices(tiles)
-    args = (*tensors, *ints, *floats)
-    if traced:
-        if not _only_shapes(args):
-            torch.library.wrap_triton(_autotuned(kernel, choices))[grid](*args, **constexprs)
-        return
-    launch = (kernel, grid, tensors, ints, floats, constexprs)
-    if interpreting():
-        _launch_with_tile(*launch, INTERPRETER_TILE)
-        return
-    if not _autotuning():
-        # The first tile, or the safe one when the first does not fit on this GPU.
-        try:
-            _launch_with_tile(*launch, choices[0])
-        except OutOfResources:
-            _launch_with_tile(*launch, SAFE_TILE)
-        return
-    problem = (kernel, choices, shape_key)
-    chosen = _CHOSEN_TILES.get(problem)
-    if chosen is not None:
-        _launch_with_tile(*launch, chosen)
-        return
-    autotuner = _autotuned(kernel, choices)
-    autotuner[grid](*args, **constexprs)
-    best = autotuner.best_config
-    _CHOSEN_TILES[problem] = (best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.num_warps, best.num_stages)
 
+    __slots__ = ("kernel", "tiles", "search", "grid", "ints", "floats", "constexprs", "shape_key",
+                 "_prepared")
 
-def _launch_untiled(kernel, grid: tuple[int, int], tensors: tuple, ints: tuple, floats: tuple,
-                    constexprs: dict, traced: bool) -> None:
-    """Launch a kernel that has no tile shapes to choose from, with Triton's default warps and stages."""
-    args = (*tensors, *ints, *floats)
-    if traced:
+    def __init__(self, kernel, tiles: tuple[Tile, ...] | None, grid: Grid | tuple[int, int], ints: tuple,
+                 floats: tuple, constexprs: dict, shape_key: tuple = (), search: bool = False):
+        self.kernel, self.tiles, self.search, self.grid = kernel, tiles, search, grid
+        self.ints, self.floats, self.constexprs, self.shape_key = ints, floats, constexprs, shape_key
+        self._prepared: direct_launch.PreparedLaunch | None = None
+
+    def __call__(self, tensors: tuple, traced: bool) -> None:
+        if traced:
+            self._launch_traced(tensors)
+        elif self._prepared is not None:
+            self._prepared(tensors)
+        else:
+            self._prepared = self._first_launch(tensors)
+
+    def _launch_traced(self, tensors: tuple) -> None:
+        args = (*tensors, *self.ints, *self.floats)
         if not _only_shapes(args):
-            torch.library.wrap_triton(kernel)[grid](*args, **constexprs)
-    else:
-        direct_launch.launch(kernel, grid, tensors, ints, floats, constexprs, *UNTILED_WARPS_AND_STAGES)
+            kernel = self.kernel if self.tiles is None else _autotuned(self.kernel, self.tiles)
+            torch.library.wrap_triton(kernel)[self.grid](*args, **self.constexprs)
+
+    def _with_tile(self, tile: Tile | None) -> direct_launch.PreparedLaunch:
+        if tile is None:
+            return direct_launch.PreparedLaunch(self.kernel, self.grid, self.ints, self.floats,
+                                                self.constexprs, *UNTILED_WARPS_AND_STAGES)
+        block_m, block_n, num_warps, num_stages = tile
+        sizes = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+        return direct_launch.PreparedLaunch(self.kernel, self.grid(sizes), self.ints, self.floats,
+                                            {**self.constexprs, **sizes}, num_warps, num_stages)
+
+    def _first_launch(self, tensors: tuple) -> direct_launch.PreparedLaunch:
+        """Launch once, choosing the tile; return the prepared launch of the tile chosen."""
+        if self.tiles is None:
+            prepared = self._with_tile(None)
+        elif not self.search:  # the first tile, or the safe one when the first does not fit on this GPU
+            prepared = self._with_tile(self.tiles[0])
+            try:
+                prepared(tensors)
+                return prepared
+            except OutOfResources:
+                prepared = self._with_tile(SAFE_TILE)
+        else:
+            problem = (id(self.kernel), self.tiles, self.shape_key)
+            if problem not in _CHOSEN_TILES:
+                autotuner = _autotuned(self.kernel, self.tiles)
+                autotuner[self.grid](*tensors, *self.ints, *self.floats, **self.constexprs)
+                best = autotuner.best_config
+                _CHOSEN_TILES[problem] = (best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.num_warps,
+                                          best.num_stages)
+                return self._with_tile(_CHOSEN_TILES[problem])  # the autotuner ran it with that tile
+            prepared = self._with_tile(_CHOSEN_TILES[problem])
+        prepared(tensors)
+        return prepared
 
 
 def _only_shapes(args: tuple) -> bool:
@@ -174,14 +204,6 @@ def _only_shapes(args: tuple) -> bool:
     the fake tensors' memory. Only the outputs' shapes matter then, and those are already allocated.
     """
     return interpreting() and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args)
-
-
-def _launch_with_tile(kernel, grid: Grid, tensors: tuple, ints: tuple, floats: tuple, constexprs: dict,
-                      tile: Tile) -> None:
-    block_m, block_n, num_warps, num_stages = tile
-    sizes = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-    direct_launch.launch(kernel, grid(sizes), tensors, ints, floats, {**constexprs, **sizes}, num_warps,
-                         num_stages)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -232,6 +254,74 @@ def _scales(scale: float) -> tuple[float, float, float]:
     return 2.0 * scale * LOG2_E, scale * LOG2_E, 2.0 * scale
 
 
+# ---------------------------------------------------------------------------------------------
+# Plans: everything about one call that its tensors' shapes, strides and dtype decide
+# ---------------------------------------------------------------------------------------------
+#
+# A plan holds the shapes of the tensors a call allocates and its kernel launches, every argument
+# but the tensors computed once. Eager calls look theirs up by (shape, strides) of every input,
+# dtype, flags and the tile lists, so a training loop pays for this Python once per problem rather
+# than in every layer of every step. Traced calls (torch.compile) build theirs afresh: their shapes
+# may be symbolic, and the compiler runs this code only while tracing.
+
+Layout = tuple[tuple[int, ...], tuple[int, ...]]  # (shape, strides) of a (B, H, N, D) tensor
+MAX_PLANS = 1024  # per direction; a program running many lengths rebuilds the oldest ones
+
+
+def _layout(x: torch.Tensor) -> Layout:
+    return x.shape, x.stride()
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides ``torch.empty(shape)`` gives: row-major, innermost dimension unit-stride."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+class _ForwardPlan(NamedTuple):
+    out_shape: tuple[int, ...]           # (B, H, Nq, Dv), allocated in the compute dtype
+    lse_shape: tuple[int, ...]           # (B, H, Nq): log-sum-exp, and XSA's coefficients, if any
+    accumulator: torch.dtype
+    key_norms: _KernelLaunch | None      # |k_j|^2 into a (B, H, Nk) vector, at long sequences
+    attention: _KernelLaunch
+
+
+def _forward_plan(q: Layout, k: Layout, v: Layout, compute: torch.dtype, causal: bool, scale: float,
+                  exclusive: bool, norms_given: bool, tiles: tuple[Tile, ...],
+                  autotuning: bool) -> _ForwardPlan:
+    (batch, heads, n_queries, head_dim), q_strides = q
+    (_, _, n_keys, _), k_strides = k
+    (_, _, _, head_dim_v), v_strides = v
+    out_shape, lse_shape = (batch, heads, n_queries, head_dim_v), (batch, heads, n_queries)
+    shared = _constexprs(compute, int(head_dim), int(head_dim_v), causal)
+    key_norms = None
+    if norms_given:
+        key_norms = _KernelLaunch(
+            key_norms_kernel, None, (_cdiv(n_keys, KEY_NORMS_BLOCK_N), batch * heads),
+            (*k_strides[:3], heads, n_keys), (),
+            dict(HEAD_DIM=shared["HEAD_DIM"], BLOCK_D=shared["BLOCK_D"], PAD_D=shared["PAD_D"],
+                 FP64_INPUTS=shared["FP64_INPUTS"], BLOCK_N=KEY_NORMS_BLOCK_N))
+    dot_scale, norm_scale, _ = _scales(scale)
+    constexprs = dict(shared, EXCLUSIVE=exclusive, KEY_NORMS_GIVEN=norms_given)
+
+    def grid(tile):  # one program per query tile and (batch, head)
+        return (_cdiv(n_queries, tile["BLOCK_M"]), batch * heads)
+
+    attention = _KernelLaunch(
+        rbf_forward_kernel, _tile_choices(tiles, autotuning), grid,
+        (*q_strides[:3], *k_strides[:3], *v_strides[:3], *_contiguous_strides(out_shape)[:3],
+         heads, n_queries, n_keys, n_keys - n_queries),
+        (dot_scale, norm_scale, XSA_VALUE_EPS), constexprs,
+        (n_queries, n_keys, compute, *constexprs.values()), _searching(autotuning))
+    return _ForwardPlan(out_shape, lse_shape, _accumulator_dtype(compute), key_norms, attention)
+
+
+_cached_forward_plan = lru_cache(maxsize=MAX_PLANS)(_forward_plan)
+
+
 def flash_forward(q, k, v, causal: bool, scale: float, exclusive: bool = False, *, traced: bool = False):
     """Run the forward kernel: (output in q's dtype, base-2 log-sum-exp per query, XSA coefficients).
 
@@ -239,41 +329,80 @@ def flash_forward(q, k, v, causal: bool, scale: float, exclusive: bool = False, 
     the third result holds each query's coefficient ``c_i`` (same dtype as the log-sum-exp), which
     the backward pass needs; without it the third result is None. ``traced``: see the module docstring.
     """
-    batch, heads, n_queries, _ = q.shape
-    n_keys = k.shape[2]
     out_dtype = q.dtype
     compute = _compute_dtype(q.dtype)
     q, k, v = (_prepare(t, compute) for t in (q, k, v))
-    out = torch.empty((batch, heads, n_queries, v.shape[-1]), device=q.device, dtype=compute)
-    lse = torch.empty((batch, heads, n_queries), device=q.device, dtype=_accumulator_dtype(compute))
+    problem = (_layout(q), _layout(k), _layout(v), compute, causal, scale, exclusive,
+               q.shape[2] >= KEY_NORMS_MIN_QUERIES, FORWARD_TILES, _autotuning())
+    plan = _forward_plan(*problem) if traced else _cached_forward_plan(*problem)
+    out = torch.empty(plan.out_shape, device=q.device, dtype=compute)
+    lse = torch.empty(plan.lse_shape, device=q.device, dtype=plan.accumulator)
     own_coef = torch.empty_like(lse) if exclusive else None
-    shared = _constexprs(compute, int(q.shape[-1]), int(v.shape[-1]), causal)
-    norms_given = n_queries >= KEY_NORMS_MIN_QUERIES
-    key_norms = _key_norms(k, lse.dtype, shared, traced) if norms_given else lse  # lse: never read
-    dot_scale, norm_scale, _ = _scales(scale)
-    tensors = (q, k, v, out, lse, lse if own_coef is None else own_coef, key_norms)
-    ints = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            heads, n_queries, n_keys, n_keys - n_queries)
-    constexprs = dict(shared, EXCLUSIVE=exclusive, KEY_NORMS_GIVEN=norms_given)
-
-    def grid(tile):  # one program per query tile and (batch, head)
-        return (_cdiv(n_queries, tile["BLOCK_M"]), batch * heads)
-
-    _launch(rbf_forward_kernel, FORWARD_TILES, grid, tensors, ints, (dot_scale, norm_scale, XSA_VALUE_EPS),
-            constexprs, (n_queries, n_keys, compute, *constexprs.values()), traced)
+    key_norms = lse  # never read unless the plan computes them
+    if plan.key_norms is not None:
+        key_norms = torch.empty(k.shape[:3], device=q.device, dtype=plan.accumulator)
+        plan.key_norms((k, key_norms), traced)
+    plan.attention((q, k, v, out, lse, lse if own_coef is None else own_coef, key_norms), traced)
     return as_dtype(out, out_dtype), lse, own_coef
 
 
-def _key_norms(k: torch.Tensor, dtype: torch.dtype, constexprs: dict, traced: bool) -> torch.Tensor:
-    """|k_j|^2 per key, (B, H, Nk) in ``dtype`` (the accumulators'), for the forward kernel to read."""
-    batch, heads, n_keys, _ = k.shape
-    norms = torch.empty((batch, heads, n_keys), device=k.device, dtype=dtype)
-    _launch_untiled(key_norms_kernel, (_cdiv(n_keys, KEY_NORMS_BLOCK_N), batch * heads), (k, norms),
-                    (*k.stride()[:3], heads, n_keys), (),
-                    dict(HEAD_DIM=constexprs["HEAD_DIM"], BLOCK_D=constexprs["BLOCK_D"],
-                         PAD_D=constexprs["PAD_D"], FP64_INPUTS=constexprs["FP64_INPUTS"],
-                         BLOCK_N=KEY_NORMS_BLOCK_N), traced)
-    return norms
+class _BackwardPlan(NamedTuple):
+    accumulator: torch.dtype
+    exclusive_preprocess: _KernelLaunch | None  # XSA: dL/dz -> dL/dy, Delta and dL/d(own value)
+    dq: _KernelLaunch                           # also computes Delta = rowsum(dO * O) without XSA
+    dkdv: _KernelLaunch
+
+
+def _backward_plan(grad_out: Layout, q: Layout, k: Layout, v: Layout, out: Layout, compute: torch.dtype,
+                   causal: bool, scale: float, exclusive: bool, dq_tiles: tuple[Tile, ...],
+                   dkdv_tiles: tuple[Tile, ...], autotuning: bool) -> _BackwardPlan:
+    (batch, heads, n_queries, head_dim), q_strides = q
+    (_, _, n_keys, _), k_strides = k
+    (_, _, _, head_dim_v), v_strides = v
+    out_shape, out_strides = out
+    constexprs = _constexprs(compute, int(head_dim), int(head_dim_v), causal)
+    sizes = (heads, n_queries, n_keys, n_keys - n_queries)
+    # Gradients (and XSA's intermediate buffers) are allocated contiguous, shaped like their tensor.
+    dq_strides, dk_strides, dv_strides = (_contiguous_strides(shape) for shape, _ in (q, k, v))
+    grad_strides = grad_out[1]
+    exclusive_preprocess = None
+    if exclusive:
+        buffer_strides = _contiguous_strides(out_shape)  # dL/dy and dL/d(own value)
+        # A handful of row-wise sums: no tiles to tune, one fixed block of query rows per program.
+        exclusive_preprocess = _KernelLaunch(
+            exclusive_preprocess_kernel, None, (_cdiv(n_queries, XSA_PREPROCESS_BLOCK_M), batch * heads),
+            (*out_strides[:3], *grad_strides[:3], *v_strides[:3], *buffer_strides[:3], *buffer_strides[:3],
+             *sizes), (XSA_VALUE_EPS,),
+            dict(HEAD_DIM_V=constexprs["HEAD_DIM_V"], BLOCK_DV=constexprs["BLOCK_DV"],
+                 PAD_DV=constexprs["PAD_DV"], FP64_INPUTS=constexprs["FP64_INPUTS"],
+                 BLOCK_M=XSA_PREPROCESS_BLOCK_M))
+        # From here on the attention backward is the plain one, driven by dL/dy instead of dL/dz.
+        grad_strides = own_strides = buffer_strides
+    else:
+        own_strides = (0, 0, 0, 0)  # no own-value gradient: a placeholder pointer, never read
+    scales = _scales(scale)
+    shape_key = (n_queries, n_keys, compute, exclusive, *constexprs.values())
+
+    def query_tiles(tile):  # dq: one program per query tile and (batch, head)
+        return (_cdiv(n_queries, tile["BLOCK_M"]), batch * heads)
+
+    def key_tiles(tile):  # dkdv: one program per key tile and (batch, head)
+        return (_cdiv(n_keys, tile["BLOCK_N"]), batch * heads)
+
+    dq = _KernelLaunch(
+        dq_kernel, _tile_choices(dq_tiles, autotuning), query_tiles,
+        (*q_strides[:3], *k_strides[:3], *v_strides[:3], *out_strides[:3], *grad_strides[:3],
+         *dq_strides[:3], *sizes), scales, dict(constexprs, COMPUTE_DELTA=not exclusive), shape_key,
+        _searching(autotuning))
+    dkdv = _KernelLaunch(
+        dkdv_kernel, _tile_choices(dkdv_tiles, autotuning), key_tiles,
+        (*q_strides[:3], *k_strides[:3], *v_strides[:3], *grad_strides[:3], *dk_strides[:3],
+         *dv_strides[:3], *own_strides[:3], *sizes), scales, dict(constexprs, EXCLUSIVE=exclusive), shape_key,
+        _searching(autotuning))
+    return _BackwardPlan(_accumulator_dtype(compute), exclusive_preprocess, dq, dkdv)
+
+
+_cached_backward_plan = lru_cache(maxsize=MAX_PLANS)(_backward_plan)
 
 
 def flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float, own_coef=None, *,
@@ -283,55 +412,24 @@ def flash_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float, own_
     ``own_coef`` (from :func:`flash_forward` with ``exclusive=True``) means ``out`` is XSA's ``z`` and
     ``grad_out`` its gradient: the gradient is first taken back through XSA, then through attention.
     """
-    batch, heads, n_queries, _ = q.shape
-    n_keys = k.shape[2]
     dtypes = (q.dtype, k.dtype, v.dtype)
     compute = _compute_dtype(q.dtype)
-    q, k, v, out, grad_out = (_prepare(t, compute) for t in (q, k, v, out, grad_out))
+    grad_out, q, k, v, out = (_prepare(t, compute) for t in (grad_out, q, k, v, out))
     exclusive = own_coef is not None
-    constexprs = _constexprs(compute, int(q.shape[-1]), int(v.shape[-1]), causal)
+    problem = (_layout(grad_out), _layout(q), _layout(k), _layout(v), _layout(out), compute, causal, scale,
+               exclusive, DQ_TILES, DKDV_TILES, _autotuning())
+    plan = _backward_plan(*problem) if traced else _cached_backward_plan(*problem)
+    device = q.device
 
-    delta = torch.empty_like(lse)
-    if exclusive:
-        grad_y = torch.empty_like(out)
-        grad_own_value = torch.empty(out.shape, device=out.device, dtype=lse.dtype)
-        # A handful of row-wise sums: no tiles to tune, one fixed block of query rows per program.
-        _launch_untiled(
-            exclusive_preprocess_kernel, (_cdiv(n_queries, XSA_PREPROCESS_BLOCK_M), batch * heads),
-            (out, grad_out, v, own_coef, grad_y, delta, grad_own_value),
-            (*out.stride()[:3], *grad_out.stride()[:3], *v.stride()[:3], *grad_y.stride()[:3],
-             *grad_own_value.stride()[:3], heads, n_queries, n_keys, n_keys - n_queries),
-            (XSA_VALUE_EPS,),
-            dict(HEAD_DIM_V=constexprs["HEAD_DIM_V"], BLOCK_DV=constexprs["BLOCK_DV"],
-                 PAD_DV=constexprs["PAD_DV"], FP64_INPUTS=constexprs["FP64_INPUTS"],
-                 BLOCK_M=XSA_PREPROCESS_BLOCK_M),
-            traced)
-        # From here on the attention backward is the plain one, driven by dL/dy instead of dL/dz,
-        # with Delta already computed.
-        grad_out = grad_y
-    else:
-        grad_own_value = delta  # never read: a placeholder pointer with zero strides below
-
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dot_scale, norm_scale, grad_scale = _scales(scale)
-    sizes = (heads, n_queries, n_keys, n_keys - n_queries)
-    scales = (dot_scale, norm_scale, grad_scale)
-    shape_key = (n_queries, n_keys, compute, exclusive, *constexprs.values())
-
-    def query_tiles(tile):  # dq: one program per query tile and (batch, head)
-        return (_cdiv(n_queries, tile["BLOCK_M"]), batch * heads)
-
-    def key_tiles(tile):  # dkdv: one program per key tile and (batch, head)
-        return (_cdiv(n_keys, tile["BLOCK_N"]), batch * heads)
-
-    # dq first: without XSA it computes Delta = rowsum(dO * O), which dkdv then reads.
-    _launch(dq_kernel, DQ_TILES, query_tiles, (q, k, v, out, grad_out, lse, delta, dq),
-            (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *grad_out.stride()[:3],
-             *dq.stride()[:3], *sizes), scales,
-            dict(constexprs, COMPUTE_DELTA=not exclusive), shape_key, traced)
-    own_strides = grad_own_value.stride()[:3] if exclusive else (0, 0, 0)
-    _launch(dkdv_kernel, DKDV_TILES, key_tiles, (q, k, v, grad_out, lse, delta, dk, dv, grad_own_value),
-            (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
-             *dv.stride()[:3], *own_strides, *sizes), scales,
-            dict(constexprs, EXCLUSIVE=exclusive), shape_key, traced)
+    delta = torch.empty(lse.shape, device=device, dtype=plan.accumulator)
+    grad_own_value = delta  # without XSA: a placeholder pointer, never read
+    if plan.exclusive_preprocess is not None:
+        grad_y = torch.empty(out.shape, device=device, dtype=compute)
+        grad_own_value = torch.empty(out.shape, device=device, dtype=plan.accumulator)
+        plan.exclusive_preprocess((out, grad_out, v, own_coef, grad_y, delta, grad_own_value), traced)
+        grad_out = grad_y  # the attention backward below is driven by dL/dy, with Delta computed
+    dq, dk, dv = (torch.empty(t.shape, device=device, dtype=compute) for t in (q, k, v))
+    # dq first: without XSA it computes Delta, which dkdv then reads.
+    plan.dq((q, k, v, out, grad_out, lse, delta, dq), traced)
+    plan.dkdv((q, k, v, grad_out, lse, delta, dk, dv, grad_own_value), traced)
     return tuple(as_dtype(g, dtype) for g, dtype in zip((dq, dk, dv), dtypes, strict=True))

@@ -13,6 +13,7 @@ import pytest
 import torch
 from kernel_device import KERNEL_DEVICE
 
+from rbf_tutorial import xsa
 from rbf_tutorial.kernels import rbf_flash_attention
 from rbf_tutorial.reference import rbf_attention_reference
 
@@ -99,6 +100,25 @@ def test_precomputed_key_norms(seed, monkeypatch):
 
     monkeypatch.setattr(launch, "KEY_NORMS_MIN_QUERIES", 1)
     check_against_reference(random_case(seed), torch.float32 if seed % 2 else torch.float16, seed)
+
+
+def test_one_shape_in_turn_in_several_layouts_scales_and_masks():
+    """Each call's launches come from a plan cached per problem (kernels/launch.py): one shape called
+    again with other strides, another scale, causal or not, and XSA must never reuse another's plan."""
+    base = dict(batch=2, heads=2, n_queries=37, n_keys=37, head_dim=24, value_dim=20)
+    variants = [dict(causal=False, scale=None, transposed_layout=False),
+                dict(causal=False, scale=None, transposed_layout=True),
+                dict(causal=True, scale=None, transposed_layout=False),
+                dict(causal=False, scale=0.4, transposed_layout=False),
+                dict(causal=False, scale=None, transposed_layout=False)]
+    for seed, variant in enumerate(variants):
+        check_against_reference({**base, **variant}, torch.float32, 500 + seed)
+    # The same layout once more with XSA's epilogue: a different forward and backward for one shape.
+    q, k, v = make_inputs({**base, **variants[0]}, torch.float32, 510)
+    plain = rbf_flash_attention(q, k, v)
+    exclusive = rbf_flash_attention(q, k, v, exclusive=True)
+    expected = xsa.exclusive(plain.detach(), v.detach())
+    assert relative_error(exclusive.detach(), expected) <= TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("n_queries,n_keys", [(1, 1), (1, 33), (16, 16), (17, 17), (32, 48)])

@@ -3,14 +3,16 @@
     python docs/results/host_overhead.py
 
 For D = 64 and 128, causal and not (bf16, batch 4, heads x D = 1024), it times rbf_flash_attention
-twice, once launching through kernels/direct_launch.py (the default) and once with every launch
-sent through Triton's ``kernel[grid](...)`` path, and dot-product SDPA with the flash backend.
+twice, once as shipped (each problem's launches prepared once, kernels/launch.py, and made through
+kernels/direct_launch.py) and once with every launch sent through Triton's ``kernel[grid](...)``
+path, and dot-product SDPA with the flash backend.
 Columns: eager and CUDA-graph forward time (triton.testing.do_bench / do_bench_cudagraph), eager
-forward + backward time, and the host's time per call (a loop of calls without synchronising,
-divided by their number), forward + backward also with autograd's backward on the calling thread.
+forward + backward time, and the host's time per call (each call started on an idle GPU, median),
+forward + backward also with autograd's backward on the calling thread.
 """
 
 import contextlib
+import statistics
 import time
 
 import torch
@@ -20,24 +22,31 @@ from triton.testing import do_bench, do_bench_cudagraph
 import rbf_tutorial  # noqa: F401  (chooses compiled or interpreted kernels before triton is used)
 from rbf_tutorial.kernels import direct_launch, rbf_flash_attention
 
-DIRECT = direct_launch.launch
+DIRECT = direct_launch.PreparedLaunch.__call__
 
 
-def through_triton(kernel, grid, tensors, ints, floats, constexprs, num_warps, num_stages):
-    """Every launch through Triton's own ``kernel[grid](...)`` path."""
-    kernel[grid](*tensors, *ints, *floats, **constexprs, num_warps=num_warps, num_stages=num_stages)
+def through_triton(prepared, tensors):
+    """A prepared launch made through Triton's own ``kernel[grid](...)`` path instead."""
+    prepared._kernel[prepared._grid](*tensors, *prepared._ints, *prepared._floats, **prepared._constexprs,
+                                     num_warps=prepared._num_warps, num_stages=prepared._num_stages)
 
 
-def host_us(step, calls=300):
+def host_us(step, calls=200):
+    """Median host time of one call, each started on an idle GPU.
+
+    Synchronising before every call keeps the GPU's queue empty: a loop that does not would fill it
+    when the GPU is the slower of the two, and then time the GPU instead of the host.
+    """
     for _ in range(20):
         step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
+    times = []
     for _ in range(calls):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
         step()
-    elapsed = time.perf_counter() - start
+        times.append(time.perf_counter() - start)
     torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+    return statistics.median(times) * 1e6
 
 
 def main():
@@ -48,7 +57,7 @@ def main():
                          for _ in range(4))
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         for name in ("triton-direct", "triton-path", "flash"):
-            direct_launch.launch = through_triton if name == "triton-path" else DIRECT
+            direct_launch.PreparedLaunch.__call__ = through_triton if name == "triton-path" else DIRECT
             if name == "flash":
                 def attend(a, b, c, causal=causal):
                     return F.scaled_dot_product_attention(a, b, c, is_causal=causal)
@@ -75,7 +84,7 @@ def main():
                 with torch.autograd.set_multithreading_enabled(False):
                     row.append(host_us(forward_backward, 200))
             rows.append(row)
-    direct_launch.launch = DIRECT
+    direct_launch.PreparedLaunch.__call__ = DIRECT
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("| D | causal | method | fwd ms eager | fwd ms graph | fwd+bwd ms eager | host fwd µs | "
           "host fwd+bwd µs | host fwd+bwd µs, backward on the calling thread |")
