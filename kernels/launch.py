@@ -8,10 +8,12 @@ interpreter's bf16 ``tl.dot`` gives wrong numbers.
 
 Every launch goes one of two ways:
 
-- **eager** (a plain call, or autograd's backward): the tile the autotuner picked for a problem is
-  remembered, and later calls launch the compiled kernel with that tile directly, through its
-  launcher (:mod:`.direct_launch`). Triton's autotuner and its ordinary launch path spend tens of
-  microseconds per call finding their cache entries, as much as the whole kernel at N=1024.
+- **eager** (a plain call, or autograd's backward): a call looks up the *plan* of its problem (the
+  layouts of its inputs, dtype and flags; see "Plans" below), which holds its launches with every
+  argument but the tensors worked out once and, after the first call, the tile the autotuner
+  picked; each launch then goes straight to the compiled kernel's launcher (:mod:`.direct_launch`).
+  Triton's autotuner and its ordinary launch path spend tens of microseconds per call finding their
+  cache entries, as much as the whole kernel at N=1024.
 - **traced** (inside the ``torch.library.triton_op`` of ``op.py``, under ``torch.compile``): the
   launch is wrapped with ``torch.library.wrap_triton`` so the compiler sees the kernel itself and calls
   it from its generated code (and can capture it in a CUDA graph). Nothing here may touch real data
