@@ -399,6 +399,32 @@ def _interrupts_deferred() -> Iterator[None]:
             previous(*arrived[0])
 
 
+def training_step(
+    state: TrainingState, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
+    autocast: contextlib.AbstractContextManager, max_norm: float, multithreaded_backward: bool,
+) -> float:
+    """One optimiser step of :func:`train` on one batch; returns the learning rate it used.
+
+    ``model`` is ``state.model`` or its compiled (or DDP) wrapper. Forward under ``autocast``,
+    backward (on autograd's worker thread only if ``multithreaded_backward``), the gradient norm
+    clipped to ``max_norm``, then AdamW and the schedule, with Ctrl-C held back while the weights
+    change. docs/results/training_step_profile.py times this same step.
+    """
+    with autocast:
+        _, loss = model(inputs, targets)
+    with torch.autograd.set_multithreading_enabled(multithreaded_backward):
+        loss.backward()
+    # The global gradient norm before clipping, averaged over the logging window.
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm)
+    used_lr = state.optimizer.param_groups[0]["lr"]
+    with _interrupts_deferred():
+        state.optimizer.step()
+        state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.add_step(loss, grad_norm)
+    return used_lr
+
+
 # ---------------------------------------------------------------------------------------------------
 # before the run: every check, nothing written
 
@@ -733,18 +759,8 @@ def _train(
                 run.corpus.train, step=step, batch_size=config.batch_size, context=config.model.context,
                 seed=config.seed, rank=processes.rank, world_size=processes.world_size, device=run.device,
             )  # fmt: skip
-            with autocast:
-                _, loss = model(inputs, targets)
-            with torch.autograd.set_multithreading_enabled(multithreaded_backward):
-                loss.backward()
-            # The global gradient norm before clipping, averaged over the logging window.
-            grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm)
-            used_lr = state.optimizer.param_groups[0]["lr"]
-            with _interrupts_deferred():
-                state.optimizer.step()
-                state.scheduler.step()
-                state.optimizer.zero_grad(set_to_none=True)
-                state.add_step(loss, grad_norm)
+            used_lr = training_step(state, model, inputs, targets, autocast=autocast, max_norm=max_norm,
+                                    multithreaded_backward=multithreaded_backward)
             last = state.step == config.steps
             evaluate_now = state.step % config.eval_every == 0 or last
             if state.step % config.log_every == 0 or evaluate_now:

@@ -3,8 +3,9 @@
     python docs/results/training_step_profile.py [VARIANTS [DETAILED]]     (comma-separated names)
 
 Each variant gets the model and optimiser ``rbf-tutorial train --preset gpu10`` builds, on one fixed
-random batch, and the same step: bf16 autocast forward, backward on the calling thread, gradient
-clipping, AdamW, schedule. After 25 warm-up steps (the RBF kernels autotune there) it reports:
+random batch, and the same step (``rbf_tutorial.train.training_step``): bf16 autocast forward,
+backward on the calling thread, gradient clipping, AdamW, schedule. After 25 warm-up steps (the RBF
+kernels autotune there) it reports:
 
 - wall ms per step: best of three loops of 30 steps, synchronised at the ends only;
 - issue ms: the median time Python takes to hand one step to the GPU, starting from an idle GPU.
@@ -23,7 +24,7 @@ import warnings
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from rbf_tutorial.train import make_config
+from rbf_tutorial.train import make_config, training_step
 from rbf_tutorial.training_state import TrainingState
 
 LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
@@ -32,22 +33,18 @@ LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaL
 def profile_variant(name: str, detailed: bool) -> tuple[float, float, float, float, float]:
     config = make_config("gpu10", name)
     state = TrainingState.start(config, torch.device("cuda"))
-    model, optimizer = state.model, state.optimizer
+    model = state.model
     model.train()
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.model.vocab_size, (config.batch_size, config.model.context + 1),
                            generator=generator).cuda()
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = model(inputs, targets)
-        with torch.autograd.set_multithreading_enabled(False):  # as rbf-tutorial train does
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        state.scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+
+    def step() -> None:  # the step of rbf-tutorial train, as one process on one GPU takes it
+        training_step(state, model, inputs, targets, autocast=torch.autocast("cuda", dtype=torch.bfloat16),
+                      max_norm=max_norm, multithreaded_backward=False)
 
     for _ in range(25):
         step()
